@@ -1,0 +1,130 @@
+"""``GNSConfig``: every knob of the estimator and of the batch-size rule, validated once.
+
+The same object is built from Python keyword arguments or from the top-level ``"nongns"``
+section of a DeepSpeed JSON config (``GNSConfig.from_dict``). Validation is done by pydantic in
+strict mode, so a wrong type is an error rather than a silent coercion (``"0.6"`` is not a
+theta); every failure is a ``ValueError`` that names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, fields
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+__all__ = ["NORMS", "GNSConfig"]
+
+#: Norms an estimate can be taken in. ``auto`` asks the optimizer (see ``nongns_dist.optim``).
+NORMS = ("l1", "l2", "nuclear", "auto")
+
+Norm = Literal["l1", "l2", "nuclear", "auto"]
+LRScaling = Literal["sqrt", "linear", "none"]
+SqrtTraceMethod = Literal["eigh", "newton_schulz"]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+@dataclass(
+    frozen=True,
+    kw_only=True,
+    config=ConfigDict(strict=True, extra="forbid", validate_default=True),
+)
+class GNSConfig:
+    """Configuration of noise-scale measurement and adaptive batch sizes.
+
+    Field names are also the keys of the DeepSpeed ``"nongns"`` section.
+
+    Example::
+
+        >>> cfg = GNSConfig(norm="l1", theta=0.6, interval=100, initial_batch_size=64)
+        >>> cfg.theta
+        0.6
+        >>> GNSConfig.from_dict({"enabled": True, "norm": "nuclear"}).norm
+        'nuclear'
+    """
+
+    # -- switch ------------------------------------------------------------------------------
+    #: Attach the plugin at all (the DeepSpeed entry point reads this).
+    enabled: bool = True
+    #: Adapt the batch. ``False`` measures and logs only: the batch stays at its initial size.
+    adapt_batch_size: bool = True
+
+    # -- estimator ---------------------------------------------------------------------------
+    #: Geometry of the noise scale: ``l1`` (sign methods, AdamW), ``nuclear`` (Muon, specSGD),
+    #: ``l2`` (SGD), ``auto`` (per parameter group, from the optimizer).
+    norm: Norm = "auto"
+    #: Divide the l_1 sum of per-coordinate standard deviations by c4(n), which removes the bias
+    #: of a square root of a variance estimated from n samples. ``False`` is the paper exactly.
+    bias_correction: bool = True
+    #: How the nuclear-norm estimate takes tr(C^{1/2}): LAPACK ``eigh`` or a matmul-only
+    #: coupled Newton-Schulz iteration (faster on accelerators, see BENCHMARKS.md).
+    sqrt_trace_method: SqrtTraceMethod = "eigh"
+    #: Relative accuracy at which the Newton-Schulz iteration stops.
+    sqrt_trace_tol: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-3
+    #: Keep per-parameter noise and signal in ``GNSEstimate.layers``.
+    layer_breakdown: bool = False
+
+    # -- batch-size rule (Algorithm 1) ------------------------------------------------------
+    #: Measure every ``interval`` optimizer steps (F in the paper); other steps cost nothing.
+    interval: PositiveInt = 100
+    #: Target batch is noise / (theta^2 * signal): smaller theta, larger batches.
+    theta: Annotated[float, Field(gt=0.0)] = 0.6
+    #: EMA coefficients of the squared noise and signal (bN, bM in the paper).
+    ema_beta_noise: Beta = 0.9
+    ema_beta_signal: Beta = 0.9
+    #: Samples consumed before the batch may grow (I in the paper; they use the lr warm-up).
+    warmup_samples: Annotated[int, Field(ge=0)] = 0
+    #: Global batch of the first step; ``None`` takes the engine's (micro x ranks x accumulation).
+    initial_batch_size: PositiveInt | None = None
+    #: Cap on the global batch, rounded down to a feasible size; ``None`` means no cap.
+    max_batch_size: PositiveInt | None = None
+    #: Learning-rate multiplier as the batch grows from B0 to B: sqrt(B/B0), B/B0 or 1.
+    lr_scaling: LRScaling = "sqrt"
+
+    # -- safety --------------------------------------------------------------------------------
+    #: All-gather each decision and raise if ranks disagree (costs one tiny collective).
+    check_consistency: bool = False
+
+    @model_validator(mode="after")
+    def _check_batch_bounds(self) -> GNSConfig:
+        if (
+            self.initial_batch_size is not None
+            and self.max_batch_size is not None
+            and self.max_batch_size < self.initial_batch_size
+        ):
+            raise ValueError(
+                f"max_batch_size={self.max_batch_size} is below "
+                f"initial_batch_size={self.initial_batch_size}; allowed: max_batch_size >= "
+                "initial_batch_size"
+            )
+        return self
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> GNSConfig:
+        """Build from the DeepSpeed ``"nongns"`` section (unknown keys are errors)."""
+        if not isinstance(section, Mapping):
+            raise ValueError(
+                f"the 'nongns' config section must be a mapping, got {type(section).__name__}"
+            )
+        unknown = sorted(set(section) - cls.field_names())
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {unknown} in the 'nongns' section; allowed: "
+                f"{sorted(cls.field_names())}"
+            )
+        return cls(**dict(section))
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# pydantic's ValidationError already subclasses ValueError and prints the field, the input value
+# and the constraint; this check keeps that promise visible if pydantic ever changes it.
+assert issubclass(ValidationError, ValueError)

@@ -1,0 +1,259 @@
+"""The batch-size rule (Algorithm 1 of PAPER.md) as pure policy: no torch.distributed here.
+
+The controller consumes only all-reduced numbers (noise, signal), so every rank that feeds it
+the same numbers takes the same decision. Per optimizer step::
+
+    ctrl = BatchSizeController(GNSConfig(norm="l1", interval=100), micro_batch_size=8,
+                               world_size=2)
+    for step in range(...):
+        acc = ctrl.accumulation_steps             # micro-steps of this optimizer step
+        ...forward/backward acc micro-batches, optimizer.step()...
+        estimate = measure() if ctrl.is_measurement_step else None
+        decision = ctrl.update(estimate)          # counts samples; may grow the next batch
+
+Differences from the paper, both decided here:
+* The EMAs are bias-corrected (divided by 1 - beta^k). With bN == bM, as in the paper, the ratio
+  N / M, and so every decision, is exactly the paper's; with unequal betas it stays unbiased.
+* Warm-up is counted in samples (the paper's I is its lr warm-up, also sample-based).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nongns_dist.config import GNSConfig
+
+__all__ = [
+    "BatchDecision",
+    "BatchSizeController",
+    "feasible_batch_size",
+    "lr_multiplier",
+    "warmup_cosine",
+]
+
+
+class NoiseAndSignal(Protocol):
+    @property
+    def noise(self) -> float: ...
+
+    @property
+    def signal(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class BatchDecision:
+    """What the next optimizer step runs with."""
+
+    batch_size: int
+    accumulation_steps: int
+    lr_multiplier: float
+    changed: bool
+    #: The target noise / (theta^2 signal) of the EMAs, when one was computed this step.
+    target_batch_size: float | None = None
+
+
+def feasible_batch_size(
+    target: float, *, unit: int, current: int, maximum: int | None = None
+) -> int:
+    """Largest multiple of ``unit`` (micro x ranks) at or below ``target``, never below
+    ``current`` and never above ``maximum`` (rounded down to a multiple of ``unit``)."""
+    if unit < 1 or current < unit or current % unit:
+        raise ValueError(f"current batch {current} must be a positive multiple of unit {unit}")
+    best = current
+    if math.isfinite(target):
+        best = max(best, int(target // unit) * unit)
+    elif target > 0:  # +inf: as large as allowed
+        best = maximum if maximum is not None else current
+    if maximum is not None:
+        best = min(best, max(maximum // unit * unit, current))
+    return best
+
+
+def lr_multiplier(batch_size: int, initial_batch_size: int, scaling: str) -> float:
+    """sqrt(B/B0), B/B0 or 1 for ``scaling`` = ``sqrt``, ``linear``, ``none``."""
+    ratio = batch_size / initial_batch_size
+    if scaling == "sqrt":
+        return math.sqrt(ratio)
+    if scaling == "linear":
+        return ratio
+    if scaling == "none":
+        return 1.0
+    raise ValueError(f"lr_scaling must be 'sqrt', 'linear' or 'none', got {scaling!r}")
+
+
+def warmup_cosine(
+    samples_seen: int,
+    total_samples: int,
+    *,
+    warmup_fraction: float = 0.15,
+    final_ratio: float = 0.0,
+) -> float:
+    """Learning-rate factor over SAMPLES: linear warm-up over ``warmup_fraction`` of the budget,
+    then cosine down to ``final_ratio``. Multiply by the peak lr and the controller's multiplier.
+
+    >>> warmup_cosine(0, 1000), warmup_cosine(150, 1000), warmup_cosine(1000, 1000)
+    (0.0, 1.0, 0.0)
+    """
+    if total_samples <= 0:
+        raise ValueError(f"total_samples must be > 0, got {total_samples}")
+    if not 0.0 <= warmup_fraction < 1.0:
+        raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    warmup = warmup_fraction * total_samples
+    if samples_seen < warmup:
+        return samples_seen / warmup
+    progress = min(1.0, (samples_seen - warmup) / (total_samples - warmup))
+    return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class BatchSizeController:
+    """Algorithm 1: EMA of squared noise and signal every ``interval`` steps; after the warm-up
+    the global batch becomes max(feasible(N / (theta^2 M)), B), so it never decreases.
+
+    Feasible batches are ``micro_batch_size * world_size * accumulation_steps``.
+    """
+
+    def __init__(
+        self,
+        config: GNSConfig,
+        *,
+        micro_batch_size: int,
+        world_size: int,
+        accumulation_steps: int | None = None,
+    ) -> None:
+        if micro_batch_size < 1 or world_size < 1:
+            raise ValueError(
+                f"micro_batch_size and world_size must be >= 1, got {micro_batch_size}, "
+                f"{world_size}"
+            )
+        self.config = config
+        self.unit = micro_batch_size * world_size
+        if config.initial_batch_size is not None:
+            if config.initial_batch_size % self.unit:
+                raise ValueError(
+                    f"initial_batch_size={config.initial_batch_size} is not a multiple of "
+                    f"micro_batch_size x world_size = {self.unit}"
+                )
+            initial = config.initial_batch_size
+            if accumulation_steps is not None and accumulation_steps * self.unit != initial:
+                raise ValueError(
+                    f"accumulation_steps={accumulation_steps} gives batch "
+                    f"{accumulation_steps * self.unit}, but initial_batch_size={initial}"
+                )
+        else:
+            if accumulation_steps is not None and accumulation_steps < 1:
+                raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+            initial = self.unit * (accumulation_steps or 1)
+        if config.max_batch_size is not None and config.max_batch_size < initial:
+            raise ValueError(
+                f"max_batch_size={config.max_batch_size} is below the initial batch {initial}"
+            )
+        self.initial_batch_size = initial
+        # -- internal state (everything in state_dict) --
+        self.batch_size = initial
+        self.step = 0  # optimizer steps completed
+        self.samples = 0  # samples consumed by completed steps
+        self.noise_ema = 0.0  # raw (biased) EMA of the squared noise
+        self.signal_ema = 0.0
+        self.num_updates = 0  # measurements that entered the EMAs
+        self.skipped = 0  # measurements rejected (non-finite)
+        self.last_target: float | None = None
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // self.unit
+
+    @property
+    def lr_multiplier(self) -> float:
+        return lr_multiplier(self.batch_size, self.initial_batch_size, self.config.lr_scaling)
+
+    @property
+    def is_measurement_step(self) -> bool:
+        """Whether the step about to run (``self.step``) measures: every ``interval`` steps."""
+        return self.step % self.config.interval == 0
+
+    def ema(self) -> tuple[float, float] | None:
+        """Bias-corrected (noise, signal) EMAs, or None before the first measurement."""
+        if self.num_updates == 0:
+            return None
+        bn, bm = self.config.ema_beta_noise, self.config.ema_beta_signal
+        k = self.num_updates
+        return self.noise_ema / (1 - bn**k), self.signal_ema / (1 - bm**k)
+
+    # -- the rule ---------------------------------------------------------------------------
+    def update(self, estimate: NoiseAndSignal | None = None) -> BatchDecision:
+        """Close the optimizer step just taken (with ``self.batch_size`` samples) and decide the
+        next one. Pass the measurement on measuring steps; a non-finite one is skipped."""
+        self.samples += self.batch_size
+        self.step += 1
+        target = None
+        if estimate is not None:
+            noise, signal = float(estimate.noise), float(estimate.signal)
+            if math.isfinite(noise) and math.isfinite(signal) and noise >= 0 and signal >= 0:
+                bn, bm = self.config.ema_beta_noise, self.config.ema_beta_signal
+                self.noise_ema = bn * self.noise_ema + (1 - bn) * noise
+                self.signal_ema = bm * self.signal_ema + (1 - bm) * signal
+                self.num_updates += 1
+                target = self._target()
+            else:
+                self.skipped += 1
+        changed = False
+        if (
+            target is not None
+            and self.config.adapt_batch_size
+            and self.samples >= self.config.warmup_samples
+        ):
+            new = feasible_batch_size(
+                target, unit=self.unit, current=self.batch_size, maximum=self.config.max_batch_size
+            )
+            changed = new != self.batch_size
+            self.batch_size = new
+        self.last_target = target if target is not None else self.last_target
+        return BatchDecision(
+            self.batch_size, self.accumulation_steps, self.lr_multiplier, changed, target
+        )
+
+    def _target(self) -> float:
+        ema = self.ema()
+        assert ema is not None
+        noise, signal = ema
+        if signal <= 0:
+            return math.inf if noise > 0 else float(self.batch_size)
+        return noise / (self.config.theta**2 * signal)
+
+    # -- checkpointing -------------------------------------------------------------------------
+    _STATE_KEYS = (
+        "batch_size",
+        "step",
+        "samples",
+        "noise_ema",
+        "signal_ema",
+        "num_updates",
+        "skipped",
+        "last_target",
+        "initial_batch_size",
+        "unit",
+    )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self._STATE_KEYS}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = sorted(set(self._STATE_KEYS) - set(state))
+        extra = sorted(set(state) - set(self._STATE_KEYS))
+        if missing or extra:
+            raise ValueError(f"controller state: missing keys {missing}, unknown keys {extra}")
+        if state["unit"] != self.unit:
+            raise ValueError(
+                f"checkpoint was taken with micro_batch_size x world_size = {state['unit']}, "
+                f"this job has {self.unit}; resume with the same micro-batch and ranks"
+            )
+        if state["batch_size"] % self.unit:
+            raise ValueError(
+                f"checkpoint batch {state['batch_size']} is not a multiple of {self.unit}"
+            )
+        for key in self._STATE_KEYS:
+            setattr(self, key, state[key])

@@ -1,0 +1,302 @@
+"""Gradient noise scale from sufficient statistics. Pure math: no torch.distributed here.
+
+A measurement has n samples g_s of a mean gradient, each over b examples (DESIGN.md section 2).
+From S = sum_s g_s (mean g = S/n) and Q = sum_s g_s^2 per coordinate:
+
+    sigma_hat_i^2 = b/(n-1) * (Q_i - n g_i^2)          (clamped at 0: rounding only)
+
+and per 2-D parameter (rows <= columns), from A = sum_s G_s G_s^T:
+
+    C_hat = b/(n-1) * (A - n G G^T)
+
+Every norm reduces to two ADDITIVE partial sums, so distributed code can add them across
+slices, parameters and ranks in one all-reduce and only then finish:
+
+    norm     noise part                 signal part       finish
+    l2       sum sigma_hat_i^2          sum g_i^2         as is
+    l1       sum sigma_hat_i / c4(n)    sum |g_i|         square both
+    nuclear  tr(C_hat^{1/2})            tr((GG^T)^{1/2})  square both
+
+l1 and nuclear parts may be added together (the dual norm of a product of l_inf and spectral
+balls is the sum of the duals: PAPER.md "sum the per-layer norms first, then square"); l2 may not
+be mixed with them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from nongns_dist.norms import SqrtTraceMethod, as_matrix, c4, sqrt_trace
+
+__all__ = [
+    "GNSEstimate",
+    "LayerEstimate",
+    "coordinate_partial_sums",
+    "estimate_gns",
+    "finish",
+    "gram_partial_sums",
+    "sample_variance",
+]
+
+EstimateNorm = Literal["l1", "l2", "nuclear"]
+#: Parameters mapped to ``None`` are left out of the estimate (e.g. Muon's AdamW group).
+NormSpec = str | Mapping[str, str | None]
+
+
+@dataclass(frozen=True)
+class LayerEstimate:
+    """Noise and signal of one parameter alone, already finished (squared for l1/nuclear)."""
+
+    norm: str
+    noise: float
+    signal: float
+
+    @property
+    def gns(self) -> float:
+        return _ratio(self.noise, self.signal)
+
+
+@dataclass(frozen=True)
+class GNSEstimate:
+    """One measurement of the gradient noise scale.
+
+    ``noise`` and ``signal`` are the finished (already squared, for l1 and nuclear) population
+    estimates; ``gns = noise / signal`` is the critical batch size in examples.
+    ``num_samples`` is n, ``sample_size`` is b (examples per sample).
+    """
+
+    norm: str
+    noise: float
+    signal: float
+    num_samples: int
+    sample_size: int
+    layers: Mapping[str, LayerEstimate] | None = field(default=None, compare=False)
+
+    @property
+    def gns(self) -> float:
+        return _ratio(self.noise, self.signal)
+
+    @property
+    def is_finite(self) -> bool:
+        return math.isfinite(self.noise) and math.isfinite(self.signal)
+
+
+def _ratio(noise: float, signal: float) -> float:
+    if signal > 0:
+        return noise / signal
+    return math.inf if noise > 0 else math.nan
+
+
+def _check_counts(num_samples: int, sample_size: int) -> None:
+    if num_samples < 2:
+        raise ValueError(f"a noise estimate needs num_samples >= 2, got {num_samples}")
+    if sample_size < 1:
+        raise ValueError(f"sample_size must be >= 1 example per sample, got {sample_size}")
+
+
+def sample_variance(
+    mean: torch.Tensor, sq_sum: torch.Tensor, num_samples: int, sample_size: int
+) -> torch.Tensor:
+    """Per-coordinate single-example variance b/(n-1) * (Q - n g^2), clamped at 0."""
+    _check_counts(num_samples, sample_size)
+    var = (sq_sum - num_samples * mean * mean) * (sample_size / (num_samples - 1))
+    return var.clamp_min(0)
+
+
+def coordinate_partial_sums(
+    mean: torch.Tensor,
+    sq_sum: torch.Tensor,
+    num_samples: int,
+    sample_size: int,
+    norm: EstimateNorm,
+    *,
+    bias_correction: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive (noise, signal) parts of an l1 or l2 estimate over these coordinates.
+
+    ``mean`` is g = S/n and ``sq_sum`` is Q, any matching shape (a whole parameter or a slice).
+    Sums accumulate in float64 whatever the input dtype.
+    """
+    var = sample_variance(mean, sq_sum, num_samples, sample_size)
+    if norm == "l2":
+        return var.sum(dtype=torch.float64), mean.square().sum(dtype=torch.float64)
+    if norm == "l1":
+        noise = var.sqrt().sum(dtype=torch.float64)
+        if bias_correction:
+            noise = noise / c4(num_samples)
+        return noise, mean.abs().sum(dtype=torch.float64)
+    raise ValueError(f"coordinate statistics support norm 'l1' or 'l2', got {norm!r}")
+
+
+def gram_partial_sums(
+    gram_sum: torch.Tensor,
+    mean_gram: torch.Tensor,
+    num_samples: int,
+    sample_size: int,
+    *,
+    method: SqrtTraceMethod = "eigh",
+    tol: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tr(C_hat^{1/2}), ||G||_*) of one matrix parameter from its Grams (rows <= columns).
+
+    ``gram_sum`` is A = sum_s G_s G_s^T and ``mean_gram`` is G G^T of the mean gradient.
+    """
+    _check_counts(num_samples, sample_size)
+    cov = (gram_sum - num_samples * mean_gram) * (sample_size / (num_samples - 1))
+    noise = sqrt_trace(cov, method, tol=tol).to(torch.float64)
+    signal = sqrt_trace(mean_gram, method, tol=tol).to(torch.float64)
+    return noise, signal
+
+
+def finish(noise_part: float, signal_part: float, norm: str) -> tuple[float, float]:
+    """Turn summed partial sums into (noise, signal): square for the dual norms l1/nuclear."""
+    if norm == "l2":
+        return noise_part, signal_part
+    if norm in ("l1", "nuclear", "l1+nuclear"):
+        return noise_part**2, signal_part**2
+    raise ValueError(f"unknown norm {norm!r}")
+
+
+def combined_norm(norms: Sequence[str]) -> str:
+    """Name of the geometry a set of per-parameter norms adds up to (see module docstring)."""
+    kinds = set(norms)
+    if not kinds:
+        raise ValueError("no parameter is left in the estimate")
+    if "l2" in kinds and len(kinds) > 1:
+        raise ValueError(
+            f"l2 cannot be mixed with {sorted(kinds - {'l2'})} in one estimate: the Euclidean "
+            "noise scale sums variances, the dual norms sum standard deviations"
+        )
+    return kinds.pop() if len(kinds) == 1 else "l1+nuclear"
+
+
+def _as_named_samples(
+    samples: torch.Tensor | Sequence[Mapping[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    if isinstance(samples, torch.Tensor):
+        if samples.dim() < 2:
+            raise ValueError(
+                f"a tensor of samples must have shape (n, ...), got {tuple(samples.shape)}"
+            )
+        return {"": samples.detach().to(torch.float64)}
+    if len(samples) == 0:
+        raise ValueError("samples is empty")
+    names = list(samples[0])
+    for i, sample in enumerate(samples):
+        if list(sample) != names:
+            raise ValueError(f"sample {i} has parameters {list(sample)}, sample 0 has {names}")
+    return {
+        name: torch.stack([s[name].detach().to(torch.float64) for s in samples]) for name in names
+    }
+
+
+def _resolve_norms(
+    names: Sequence[str], shapes: Mapping[str, torch.Size], norm: NormSpec
+) -> dict[str, str]:
+    if isinstance(norm, str):
+        if norm == "auto":
+            raise ValueError(
+                "norm='auto' needs an optimizer to read the geometry from; estimate_gns takes "
+                "'l1', 'l2', 'nuclear' or a mapping name -> norm"
+            )
+        if norm not in ("l1", "l2", "nuclear"):
+            raise ValueError(f"norm must be 'l1', 'l2', 'nuclear' or a mapping, got {norm!r}")
+        if norm == "nuclear":
+            # The paper's spectral estimate covers matrix parameters only.
+            chosen = {n: norm for n in names if len(shapes[n]) >= 3}
+            if not chosen:
+                raise ValueError("norm='nuclear' needs at least one parameter with >= 2 dims")
+            return chosen
+        return dict.fromkeys(names, norm)
+    unknown = sorted(set(norm) - set(names))
+    if unknown:
+        raise ValueError(f"norm mapping names parameters not in samples: {unknown}")
+    chosen = {}
+    for name in names:
+        kind = norm.get(name)
+        if kind is None:
+            continue
+        if kind not in ("l1", "l2", "nuclear"):
+            raise ValueError(
+                f"norm for {name!r} must be 'l1', 'l2', 'nuclear' or None, got {kind!r}"
+            )
+        if kind == "nuclear" and len(shapes[name]) < 3:
+            raise ValueError(
+                f"norm 'nuclear' for {name!r} needs >= 2 dims, got {tuple(shapes[name][1:])}"
+            )
+        chosen[name] = kind
+    return chosen
+
+
+def estimate_gns(
+    samples: torch.Tensor | Sequence[Mapping[str, torch.Tensor]],
+    sample_size: int,
+    norm: NormSpec,
+    *,
+    bias_correction: bool = True,
+    layer_breakdown: bool = False,
+    sqrt_trace_method: SqrtTraceMethod = "eigh",
+) -> GNSEstimate:
+    """Reference noise-scale estimate from n local mean gradients, in float64.
+
+    ``samples``: a tensor of shape (n, ...) or a list of n dicts name -> tensor; each sample is a
+    mean gradient over ``sample_size`` examples. ``norm``: ``"l1"``, ``"l2"``, ``"nuclear"``
+    (matrix parameters only; conv weights are flattened) or a mapping name -> norm/None.
+    Every distributed path in this package must agree with this function.
+
+    Example::
+
+        >>> g = torch.randn(8, 1000) + 0.1      # 8 ranks, each a mean over 16 examples
+        >>> est = estimate_gns(g, sample_size=16, norm="l1")
+        >>> est.num_samples, est.gns > 0
+        (8, True)
+    """
+    named = _as_named_samples(samples)
+    num_samples = next(iter(named.values())).shape[0]
+    _check_counts(num_samples, sample_size)
+    norms = _resolve_norms(list(named), {n: t.shape for n, t in named.items()}, norm)
+    total = combined_norm(list(norms.values()))
+
+    layers: dict[str, LayerEstimate] = {}
+    noise_part = signal_part = 0.0
+    for name, kind in norms.items():
+        stack = named[name]
+        if kind == "nuclear":
+            mats = torch.stack([as_matrix(g) for g in stack])
+            mean = mats.mean(0)
+            noise_t, signal_t = gram_partial_sums(
+                torch.einsum("sik,sjk->ij", mats, mats),
+                mean @ mean.T,
+                num_samples,
+                sample_size,
+                method=sqrt_trace_method,
+            )
+        else:
+            noise_t, signal_t = coordinate_partial_sums(
+                stack.mean(0),
+                stack.square().sum(0),
+                num_samples,
+                sample_size,
+                kind,  # type: ignore[arg-type]
+                bias_correction=bias_correction,
+            )
+        noise_part += float(noise_t)
+        signal_part += float(signal_t)
+        if layer_breakdown:
+            layer_noise, layer_signal = finish(float(noise_t), float(signal_t), kind)
+            layers[name] = LayerEstimate(kind, layer_noise, layer_signal)
+
+    noise, signal = finish(noise_part, signal_part, total)
+    return GNSEstimate(
+        norm=total,
+        noise=noise,
+        signal=signal,
+        num_samples=num_samples,
+        sample_size=sample_size,
+        layers=layers if layer_breakdown else None,
+    )

@@ -1,0 +1,272 @@
+"""The pure estimators against population values and float64 numpy brute force."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nongns_dist import estimate_gns
+from nongns_dist.estimators import coordinate_partial_sums, finish, gram_partial_sums
+from nongns_dist.norms import c4
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _anisotropic_sigma(d: int, rng: np.random.Generator) -> np.ndarray:
+    # four decades of per-coordinate scale, shuffled
+    return rng.permutation(np.logspace(0, -2, d))
+
+
+def _paper_l1_l2(samples: np.ndarray, b: int) -> dict[str, float]:
+    """PAPER.md with R = n samples: sigma^2 = B/(R-1) (mean_j g_j^2 - g^2), B = n b."""
+    n = samples.shape[0]
+    g = samples.mean(0)
+    var = np.clip(n * b / (n - 1) * ((samples**2).mean(0) - g**2), 0, None)
+    return {
+        "l1": np.sqrt(var).sum() ** 2 / np.abs(g).sum() ** 2,
+        "l2": var.sum() / (g**2).sum(),
+    }
+
+
+# -- convergence to the population noise scale -------------------------------------------------
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "student_t"])
+def test_l1_l2_converge_to_population(noise):
+    rng = _rng(1)
+    d, n, b = 300, 20000, 1
+    sigma = _anisotropic_sigma(d, rng)
+    # gns ~ 25, so the signal's own noise (bias ~ gns / n) stays far below the 3% tolerance
+    mean = rng.normal(0, 0.06, d)
+    if noise == "gaussian":
+        eps = rng.standard_normal((n, d))
+    else:  # heavy tails: Student t with 5 degrees of freedom, rescaled to unit variance
+        eps = rng.standard_t(5, (n, d)) / math.sqrt(5 / 3)
+    samples = mean + sigma * eps  # per-example gradients (b = 1)
+    population = {
+        "l1": sigma.sum() ** 2 / np.abs(mean).sum() ** 2,
+        "l2": (sigma**2).sum() / (mean**2).sum(),
+    }
+    brute = _paper_l1_l2(samples, b)
+    for norm in ("l1", "l2"):
+        est = estimate_gns(torch.from_numpy(samples), b, norm, bias_correction=False)
+        assert est.gns == pytest.approx(brute[norm], rel=1e-10)
+        assert est.gns == pytest.approx(population[norm], rel=0.03)
+        assert est.num_samples == n and est.sample_size == b
+
+
+def test_l2_with_multi_example_samples():
+    rng = _rng(2)
+    d, n, b = 400, 4000, 8
+    sigma = _anisotropic_sigma(d, rng)
+    mean = rng.normal(0, 0.05, d)
+    # the mean of b examples with per-example sd sigma has sd sigma / sqrt(b)
+    samples = mean + sigma * rng.standard_normal((n, d)) / math.sqrt(b)
+    est = estimate_gns(torch.from_numpy(samples), b, "l2")
+    assert est.gns == pytest.approx((sigma**2).sum() / (mean**2).sum(), rel=0.03)
+
+
+def _population_nuclear(mean: np.ndarray, cov: np.ndarray) -> float:
+    sqrt_trace = np.sqrt(np.clip(np.linalg.eigvalsh(cov), 0, None)).sum()
+    return sqrt_trace**2 / np.linalg.svd(mean, compute_uv=False).sum() ** 2
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_nuclear_converges_to_population(transposed):
+    rng = _rng(3)
+    m, k, n, b = 12, 40, 400, 4
+    # per-example gradient G + L Z, Z iid N(0, 1) (m x k): row covariance C = k L L^T
+    lower = np.tril(rng.normal(0, 0.3, (m, m))) + np.diag(np.logspace(0, -1.5, m))
+    cov = k * lower @ lower.T
+    mean = rng.normal(0, 0.4, (m, k))
+    z = rng.standard_normal((n, m, k)) / math.sqrt(b)
+    samples = mean + np.einsum("ij,sjk->sik", lower, z)
+    population = _population_nuclear(mean, cov)
+    # brute force C_hat from the samples, independent of the package's Gram path
+    dev = samples - samples.mean(0)
+    c_hat = b * np.einsum("sik,sjk->ij", dev, dev) / (n - 1)
+    brute = _population_nuclear(samples.mean(0), c_hat)
+    tensor = torch.from_numpy(samples)
+    if transposed:  # the package must take the smaller dimension (m) as rows itself
+        tensor = tensor.transpose(1, 2).contiguous()
+    for method in ("eigh", "newton_schulz"):
+        est = estimate_gns(tensor, b, "nuclear", sqrt_trace_method=method)
+        tol = 1e-9 if method == "eigh" else 3e-3
+        assert est.gns == pytest.approx(brute, rel=tol)
+        assert est.gns == pytest.approx(population, rel=0.03)
+
+
+def test_nuclear_flattens_conv_weights():
+    rng = _rng(4)
+    samples = rng.normal(size=(5, 6, 2, 3, 3))  # 5 samples of a (out=6, in=2, 3x3) conv grad
+    flat = samples.reshape(5, 6, 18)
+    dev = flat - flat.mean(0)
+    c_hat = 2 * np.einsum("sik,sjk->ij", dev, dev) / 4
+    est = estimate_gns(torch.from_numpy(samples), 2, "nuclear")
+    assert est.gns == pytest.approx(_population_nuclear(flat.mean(0), c_hat), rel=1e-9)
+
+
+# -- the c4 bias correction ---------------------------------------------------------------------
+
+
+def test_l1_bias_correction_removes_dependence_on_num_samples():
+    """Same global batch B = 64 split into n = 2, 4, 8 samples (ranks): the corrected l1 noise
+    matches the large-n value; uncorrected it is c4(n) of it (0.80, 0.92, 0.97)."""
+    rng = _rng(5)
+    d, big_b, trials = 20000, 64, 4
+    sigma = _anisotropic_sigma(d, rng)
+    mean = rng.normal(0, 0.01, d)
+    population = sigma.sum()  # ||sigma||_1, the large-n limit of sqrt(noise)
+    for n in (2, 4, 8):
+        b = big_b // n
+        ratios = {True: [], False: []}
+        for _ in range(trials):
+            samples = mean + sigma * rng.standard_normal((n, d)) / math.sqrt(b)
+            for corrected in (True, False):
+                est = estimate_gns(torch.from_numpy(samples), b, "l1", bias_correction=corrected)
+                ratios[corrected].append(math.sqrt(est.noise) / population)
+        assert np.mean(ratios[True]) == pytest.approx(1.0, abs=0.03)
+        assert np.mean(ratios[False]) == pytest.approx(c4(n), abs=0.01)
+    assert [round(c4(n), 2) for n in (2, 4, 8)] == [0.80, 0.92, 0.97]
+
+
+def test_paper_exact_mode_equals_paper_formulas():
+    rng = _rng(6)
+    n, b = 8, 16
+    samples = rng.normal(0.1, 1.0, (n, 50))
+    paper = _paper_l1_l2(samples, b)
+    tensor = torch.from_numpy(samples)
+    assert estimate_gns(tensor, b, "l1", bias_correction=False).gns == pytest.approx(
+        paper["l1"], rel=1e-12
+    )
+    corrected = estimate_gns(tensor, b, "l1", bias_correction=True).gns
+    assert corrected == pytest.approx(paper["l1"] / c4(n) ** 2, rel=1e-12)
+    # l2 has nothing to correct: the variance estimate is already unbiased
+    for flag in (True, False):
+        assert estimate_gns(tensor, b, "l2", bias_correction=flag).gns == pytest.approx(
+            paper["l2"], rel=1e-12
+        )
+
+
+# -- mixing, breakdown, partial sums ----------------------------------------------------------
+
+
+def _dict_samples(rng, n):
+    return [
+        {
+            "w": torch.from_numpy(rng.normal(0.05, 1, (4, 9))),
+            "b": torch.from_numpy(rng.normal(0.05, 1, (4,))),
+            "emb": torch.from_numpy(rng.normal(0, 1, (10, 3))),
+        }
+        for _ in range(n)
+    ]
+
+
+def test_mixed_l1_and_nuclear_sum_dual_norms_before_squaring():
+    rng = _rng(7)
+    n, b = 6, 3
+    samples = _dict_samples(rng, n)
+    norms = {"w": "nuclear", "b": "l1", "emb": None}
+    est = estimate_gns(samples, b, norms, layer_breakdown=True)
+    w = np.stack([s["w"].numpy() for s in samples])
+    bias = np.stack([s["b"].numpy() for s in samples])
+    dev = w - w.mean(0)
+    c_hat = b * np.einsum("sik,sjk->ij", dev, dev) / (n - 1)
+    w_noise = np.sqrt(np.clip(np.linalg.eigvalsh(c_hat), 0, None)).sum()
+    w_signal = np.linalg.svd(w.mean(0), compute_uv=False).sum()
+    b_var = b * bias.var(0, ddof=1)
+    b_noise, b_signal = np.sqrt(b_var).sum() / c4(n), np.abs(bias.mean(0)).sum()
+    assert est.norm == "l1+nuclear"
+    assert est.noise == pytest.approx((w_noise + b_noise) ** 2, rel=1e-10)
+    assert est.signal == pytest.approx((w_signal + b_signal) ** 2, rel=1e-10)
+    assert est.layers is not None and set(est.layers) == {"w", "b"}
+    assert est.layers["w"].noise == pytest.approx(w_noise**2, rel=1e-10)
+    assert est.layers["b"].gns == pytest.approx((b_noise / b_signal) ** 2, rel=1e-10)
+
+
+def test_nuclear_string_skips_vectors_and_l2_cannot_mix():
+    rng = _rng(8)
+    samples = _dict_samples(rng, 4)
+    only_matrices = estimate_gns(samples, 2, {"w": "nuclear", "emb": "nuclear"})
+    assert estimate_gns(samples, 2, "nuclear").gns == pytest.approx(only_matrices.gns)
+    with pytest.raises(ValueError, match="l2 cannot be mixed"):
+        estimate_gns(samples, 2, {"w": "l2", "b": "l1"})
+
+
+def test_partial_sums_add_across_slices():
+    """Splitting coordinates across ranks and adding the parts gives the whole (the contract the
+    distributed reduce-scatter path relies on)."""
+    rng = _rng(9)
+    samples = torch.from_numpy(rng.normal(0.02, 1, (4, 1000)))
+    mean, sq = samples.mean(0), samples.square().sum(0)
+    for norm in ("l1", "l2"):
+        whole = coordinate_partial_sums(mean, sq, 4, 8, norm)
+        parts = [
+            coordinate_partial_sums(mean[s], sq[s], 4, 8, norm)
+            for s in (slice(0, 333), slice(333, None))
+        ]
+        noise = sum(float(p[0]) for p in parts)
+        signal = sum(float(p[1]) for p in parts)
+        assert finish(noise, signal, norm) == pytest.approx(
+            finish(float(whole[0]), float(whole[1]), norm), rel=1e-12
+        )
+        assert estimate_gns(samples, 8, norm).noise == pytest.approx(
+            finish(noise, signal, norm)[0], rel=1e-12
+        )
+
+
+def test_gram_partial_sums_float32_inputs_accumulate_in_float64():
+    rng = _rng(10)
+    g = torch.from_numpy(rng.normal(0, 1, (3, 5, 20))).float()
+    noise, signal = gram_partial_sums(
+        torch.einsum("sik,sjk->ij", g, g), g.mean(0) @ g.mean(0).T, 3, 2
+    )
+    assert noise.dtype == signal.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"samples": torch.zeros(1, 5), "sample_size": 4, "norm": "l1"}, "num_samples >= 2"),
+        ({"samples": torch.zeros(3, 5), "sample_size": 0, "norm": "l1"}, "sample_size"),
+        ({"samples": torch.zeros(3, 5), "sample_size": 2, "norm": "auto"}, "optimizer"),
+        ({"samples": torch.zeros(3, 5), "sample_size": 2, "norm": "linf"}, "norm must be"),
+        ({"samples": torch.zeros(3, 5), "sample_size": 2, "norm": "nuclear"}, ">= 2 dims"),
+        ({"samples": torch.zeros(3), "sample_size": 2, "norm": "l1"}, r"\(n, ...\)"),
+        ({"samples": [], "sample_size": 2, "norm": "l1"}, "empty"),
+        (
+            {
+                "samples": [{"a": torch.zeros(2)}, {"b": torch.zeros(2)}],
+                "sample_size": 2,
+                "norm": "l1",
+            },
+            "sample 1",
+        ),
+        (
+            {"samples": [{"a": torch.zeros(2)}] * 2, "sample_size": 2, "norm": {"c": "l1"}},
+            "not in samples",
+        ),
+        (
+            {"samples": [{"a": torch.zeros(2)}] * 2, "sample_size": 2, "norm": {"a": "nuclear"}},
+            ">= 2 dims",
+        ),
+        (
+            {"samples": [{"a": torch.zeros(2)}] * 2, "sample_size": 2, "norm": {"a": None}},
+            "no parameter",
+        ),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        estimate_gns(**kwargs)
+
+
+def test_zero_signal_gives_infinite_gns_not_an_exception():
+    samples = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    est = estimate_gns(samples, 1, "l1")
+    assert est.signal == 0 and math.isinf(est.gns)
