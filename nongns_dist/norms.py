@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "as_matrix",
     "c4",
+    "polar_factor",
     "sqrt_trace",
     "sqrt_trace_eigh",
     "sqrt_trace_newton_schulz",
@@ -177,3 +178,48 @@ def sqrt_trace(
         assert isinstance(result, torch.Tensor)
         return result
     raise ValueError(f"sqrt-trace method must be 'eigh' or 'newton_schulz', got {method!r}")
+
+
+PolarMethod = Literal["svd", "newton_schulz"]
+
+
+def polar_factor(
+    matrix: torch.Tensor,
+    method: PolarMethod = "svd",
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    fast_steps: int = 5,
+) -> torch.Tensor:
+    """U V^T of the thin SVD U S V^T of a 2-D matrix: the steepest-descent direction of the
+    spectral-norm ball (the update of spectral descent).
+
+    ``svd``: exact, from ``torch.linalg.svd``. ``newton_schulz``: ``fast_steps`` of Muon's quintic,
+    then the classic cubic X <- 1.5 X - 0.5 X X^T X (quadratic convergence of every singular
+    value to 1) until an update changes X by at most ``tol`` relative (Frobenius). Singular values
+    far below ``tol`` times the largest grow slowly and may not reach 1 within ``max_iter``; the
+    exact U V^T of a rank-deficient matrix is itself ill-defined there.
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"polar_factor needs a 2-D matrix, got shape {tuple(matrix.shape)}")
+    if method == "svd":
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u @ vh
+    if method != "newton_schulz":
+        raise ValueError(f"polar method must be 'svd' or 'newton_schulz', got {method!r}")
+    transposed = matrix.shape[0] > matrix.shape[1]
+    x = matrix.T if transposed else matrix  # X X^T is the small Gram
+    norm = torch.linalg.matrix_norm(x)
+    if norm == 0:
+        return torch.zeros_like(matrix)
+    x = x / norm
+    ca, cb, cc = _FAST_COEFFS
+    for _ in range(fast_steps):
+        gram = x @ x.T
+        x = ca * x + (cb * gram + cc * gram @ gram) @ x
+    for _ in range(max_iter):
+        step = 0.5 * (x - (x @ x.T) @ x)  # X_new - X for the cubic
+        x = x + step
+        if torch.linalg.matrix_norm(step) <= tol * torch.linalg.matrix_norm(x):
+            break
+    return x.T if transposed else x
