@@ -19,6 +19,7 @@ from nongns_dist.controller import (
     lr_multiplier,
     warmup_cosine,
 )
+from nongns_dist.engines import GNSMonitor, MicroStep, attach
 from nongns_dist.estimators import GNSEstimate, LayerEstimate, estimate_gns
 
 __all__ = [
@@ -26,7 +27,10 @@ __all__ = [
     "BatchSizeController",
     "GNSConfig",
     "GNSEstimate",
+    "GNSMonitor",
     "LayerEstimate",
+    "MicroStep",
+    "attach",
     "estimate_gns",
     "feasible_batch_size",
     "lr_multiplier",

@@ -141,15 +141,27 @@ def gram_partial_sums(
     *,
     method: SqrtTraceMethod = "eigh",
     tol: float = 1e-3,
+    gram_dtype: torch.dtype | None = None,
+    centered: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tr(C_hat^{1/2}), ||G||_*) of one matrix parameter from its Grams (rows <= columns).
 
     ``gram_sum`` is A = sum_s G_s G_s^T and ``mean_gram`` is G G^T of the mean gradient.
+    ``centered=True``: ``gram_sum`` is already sum_s (G_s - G)(G_s - G)^T (no cancellation).
+    ``gram_dtype``: the precision A was formed and communicated in (default: its own dtype);
+    eigenvalues of C_hat below that precision's resolution of A count as zero.
     """
     _check_counts(num_samples, sample_size)
-    cov = (gram_sum - num_samples * mean_gram) * (sample_size / (num_samples - 1))
-    noise = sqrt_trace(cov, method, tol=tol).to(torch.float64)
-    signal = sqrt_trace(mean_gram, method, tol=tol).to(torch.float64)
+    eps = torch.finfo(gram_dtype or gram_sum.dtype).eps
+    centred_sum = gram_sum if centered else gram_sum - num_samples * mean_gram
+    cov = centred_sum * (sample_size / (num_samples - 1))
+    # Resolution of C_hat's eigenvalues: the rounding of A, eps ||A||_2 to first order (Weyl),
+    # relative to C_hat's largest eigenvalue.
+    scale = float(torch.linalg.matrix_norm(gram_sum, 2)) * sample_size / (num_samples - 1)
+    top = float(torch.linalg.matrix_norm(cov, 2))
+    rcond = eps * scale / top if top > 0 else 0.0
+    noise = sqrt_trace(cov, method, tol=tol, rcond=rcond).to(torch.float64)
+    signal = sqrt_trace(mean_gram, method, tol=tol, rcond=eps).to(torch.float64)
     return noise, signal
 
 

@@ -60,11 +60,20 @@ def _check_square(matrix: torch.Tensor) -> None:
         raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
 
 
-def sqrt_trace_eigh(matrix: torch.Tensor) -> torch.Tensor:
-    """tr(A^{1/2}) = sum sqrt(max(eig, 0)) of a symmetric PSD matrix, by ``eigvalsh``."""
+def sqrt_trace_eigh(matrix: torch.Tensor, *, rcond: float = 0.0) -> torch.Tensor:
+    """tr(A^{1/2}) = sum sqrt(eig) of a symmetric PSD matrix, by ``eigvalsh``.
+
+    Eigenvalues at or below ``rcond * max(eig)`` count as zero (negative ones always do). Pass
+    the resolution of the data A was built from (about m * eps of its dtype): below it an
+    eigenvalue is rounding, and its square root (~sqrt(eps) * sqrt(max eig), e.g. 3e-4 for
+    float32) would otherwise add up over the null space of a rank-deficient A.
+    """
     _check_square(matrix)
     eig = torch.linalg.eigvalsh(matrix)
-    return eig.clamp_min(0).sqrt().sum()
+    if eig.numel() == 0:
+        return eig.sum()
+    cutoff = rcond * eig[-1].clamp_min(0)
+    return torch.where(eig > cutoff, eig, 0).sqrt().sum()
 
 
 def sqrt_trace_newton_schulz(
@@ -168,11 +177,18 @@ SqrtTraceMethod = Literal["eigh", "newton_schulz"]
 
 
 def sqrt_trace(
-    matrix: torch.Tensor, method: SqrtTraceMethod = "eigh", *, tol: float = 1e-3
+    matrix: torch.Tensor,
+    method: SqrtTraceMethod = "eigh",
+    *,
+    tol: float = 1e-3,
+    rcond: float = 0.0,
 ) -> torch.Tensor:
-    """tr(A^{1/2}) of a symmetric PSD matrix by ``method`` (``eigh`` or ``newton_schulz``)."""
+    """tr(A^{1/2}) of a symmetric PSD matrix by ``method`` (``eigh`` or ``newton_schulz``).
+
+    ``rcond``: see ``sqrt_trace_eigh`` (the iteration resolves tiny eigenvalues only to ``tol``
+    anyway, so it ignores it)."""
     if method == "eigh":
-        return sqrt_trace_eigh(matrix)
+        return sqrt_trace_eigh(matrix, rcond=rcond)
     if method == "newton_schulz":
         result = sqrt_trace_newton_schulz(matrix, tol=tol)
         assert isinstance(result, torch.Tensor)

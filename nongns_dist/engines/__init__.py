@@ -1,0 +1,7 @@
+"""Runtimes that change accumulation counts on the fly."""
+
+from __future__ import annotations
+
+from nongns_dist.engines.torch_native import GNSMonitor, MicroStep, attach
+
+__all__ = ["GNSMonitor", "MicroStep", "attach"]
