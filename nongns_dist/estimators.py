@@ -155,13 +155,13 @@ def gram_partial_sums(
     eps = torch.finfo(gram_dtype or gram_sum.dtype).eps
     centred_sum = gram_sum if centered else gram_sum - num_samples * mean_gram
     cov = centred_sum * (sample_size / (num_samples - 1))
-    # Resolution of C_hat's eigenvalues: the rounding of A, eps ||A||_2 to first order (Weyl),
-    # relative to C_hat's largest eigenvalue.
-    scale = float(torch.linalg.matrix_norm(gram_sum, 2)) * sample_size / (num_samples - 1)
-    top = float(torch.linalg.matrix_norm(cov, 2))
-    rcond = eps * scale / top if top > 0 else 0.0
-    noise = sqrt_trace(cov, method, tol=tol, rcond=rcond).to(torch.float64)
-    signal = sqrt_trace(mean_gram, method, tol=tol, rcond=eps).to(torch.float64)
+    # Resolution of C_hat's eigenvalues: the rounding of A, at most eps ||A||_F (Weyl; the
+    # Frobenius norm bounds the spectral one and costs no decomposition).
+    factor = sample_size / (num_samples - 1)
+    floor = eps * float(torch.linalg.matrix_norm(gram_sum)) * factor
+    noise = sqrt_trace(cov, method, tol=tol, floor=floor).to(torch.float64)
+    signal_floor = eps * float(torch.linalg.matrix_norm(mean_gram))
+    signal = sqrt_trace(mean_gram, method, tol=tol, floor=signal_floor).to(torch.float64)
     return noise, signal
 
 

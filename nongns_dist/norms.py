@@ -60,20 +60,17 @@ def _check_square(matrix: torch.Tensor) -> None:
         raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
 
 
-def sqrt_trace_eigh(matrix: torch.Tensor, *, rcond: float = 0.0) -> torch.Tensor:
+def sqrt_trace_eigh(matrix: torch.Tensor, *, floor: float = 0.0) -> torch.Tensor:
     """tr(A^{1/2}) = sum sqrt(eig) of a symmetric PSD matrix, by ``eigvalsh``.
 
-    Eigenvalues at or below ``rcond * max(eig)`` count as zero (negative ones always do). Pass
-    the resolution of the data A was built from (about m * eps of its dtype): below it an
+    Eigenvalues at or below ``floor`` count as zero (negative ones always do). Pass the
+    resolution of the data A was built from (eps of its dtype times its norm): below it an
     eigenvalue is rounding, and its square root (~sqrt(eps) * sqrt(max eig), e.g. 3e-4 for
     float32) would otherwise add up over the null space of a rank-deficient A.
     """
     _check_square(matrix)
     eig = torch.linalg.eigvalsh(matrix)
-    if eig.numel() == 0:
-        return eig.sum()
-    cutoff = rcond * eig[-1].clamp_min(0)
-    return torch.where(eig > cutoff, eig, 0).sqrt().sum()
+    return torch.where(eig > floor, eig, 0).sqrt().sum()
 
 
 def sqrt_trace_newton_schulz(
@@ -181,14 +178,14 @@ def sqrt_trace(
     method: SqrtTraceMethod = "eigh",
     *,
     tol: float = 1e-3,
-    rcond: float = 0.0,
+    floor: float = 0.0,
 ) -> torch.Tensor:
     """tr(A^{1/2}) of a symmetric PSD matrix by ``method`` (``eigh`` or ``newton_schulz``).
 
-    ``rcond``: see ``sqrt_trace_eigh`` (the iteration resolves tiny eigenvalues only to ``tol``
+    ``floor``: see ``sqrt_trace_eigh`` (the iteration resolves tiny eigenvalues only to ``tol``
     anyway, so it ignores it)."""
     if method == "eigh":
-        return sqrt_trace_eigh(matrix, rcond=rcond)
+        return sqrt_trace_eigh(matrix, floor=floor)
     if method == "newton_schulz":
         result = sqrt_trace_newton_schulz(matrix, tol=tol)
         assert isinstance(result, torch.Tensor)

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from nongns_dist.capture.statistics import CommCounter, Measurement, MeasurementPlan, TrackedParam
+from nongns_dist.capture.statistics import Measurement, MeasurementPlan, TrackedParam
 
-__all__ = ["CommCounter", "Measurement", "MeasurementPlan", "TrackedParam"]
+__all__ = ["Measurement", "MeasurementPlan", "TrackedParam"]

@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from nongns_dist.capture.statistics import (
-    CommCounter,
     Measurement,
     MeasurementPlan,
     TrackedParam,
@@ -43,7 +42,6 @@ class DDPCaptureState:
     __slots__ = (
         "_buckets",
         "_measurement",
-        "counter",
         "layer_breakdown",
         "make_measurement",
         "measure_now",
@@ -74,8 +72,6 @@ class DDPCaptureState:
         # -- internal state of the measuring step in flight --------------------------------------
         self._measurement: Measurement | None = None
         self._buckets: list[_BucketRecord] = []
-        # -- stats --------------------------------------------------------------------------------
-        self.counter = CommCounter()
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__ if k not in ("process_group",)}
@@ -89,7 +85,6 @@ class DDPCaptureState:
     def _begin(self) -> Measurement:
         if self._measurement is None:
             self._measurement = self.make_measurement()
-            self._measurement.counter = self.counter
             self._buckets = []
             # Runs after DDP's own finalize callback (queued at the first gradient of backward).
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
@@ -126,7 +121,6 @@ class DDPCaptureState:
                 packed[:, 1] = local.view(self.world_size, chunk)
             record.squares = packed.view(-1)
             record.received = torch.empty(rows * chunk, dtype=torch.float32)  # flat for gloo
-            self.counter.add("squares", record.squares)
             record.squares_work = reduce_scatter(
                 record.received, record.squares, group=self.process_group, async_op=True
             )
@@ -213,7 +207,6 @@ def gns_allreduce_hook(
     """The DDP comm hook: ``allreduce_hook`` plus, on measuring steps, gradient statistics."""
     record = state._capture(bucket) if state.measure_now() else None
     tensor = bucket.buffer()
-    state.counter.add("gradient", tensor)
     tensor.div_(state.world_size)  # as allreduce_hook: divide first (fp16 overflow)
     future = dist.all_reduce(tensor, group=state.process_group, async_op=True).get_future()
     if record is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,10 +26,20 @@ from nongns_dist.estimators import (
 )
 from nongns_dist.norms import as_matrix
 
-__all__ = ["CommCounter", "Measurement", "MeasurementPlan", "TrackedParam", "reduce_scatter"]
+__all__ = ["Measurement", "MeasurementPlan", "TrackedParam", "reduce_scatter"]
 
-#: torch 2.13 renamed reduce_scatter_tensor (now deprecated) to reduce_scatter_single.
-reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+def reduce_scatter(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    async_op: bool = False,
+) -> Any:
+    """Reduce-scatter of one flat tensor; torch 2.13 renamed reduce_scatter_tensor (deprecated
+    there) to reduce_scatter_single. Looked up per call, so wrappers of torch.distributed see it."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
 
 logger = logging.getLogger("nongns_dist")
 
@@ -48,20 +59,6 @@ class TrackedParam:
         return (
             min(self.shape[0], self.shape.numel() // self.shape[0]) if self.norm == "nuclear" else 0
         )
-
-
-class CommCounter:
-    """Bytes a rank hands to collectives, by purpose; the benchmark reads it. Off by default."""
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self.bytes: dict[str, int] = {}
-
-    def add(self, purpose: str, tensor: torch.Tensor) -> None:
-        if self.enabled:
-            self.bytes[purpose] = (
-                self.bytes.get(purpose, 0) + tensor.numel() * tensor.element_size()
-            )
 
 
 class MeasurementPlan:
@@ -117,7 +114,6 @@ class Measurement:
         sqrt_trace_method: str,
         sqrt_trace_tol: float,
         group: dist.ProcessGroup | None,
-        counter: CommCounter | None = None,
         centered_grams: bool = False,
     ) -> None:
         self.plan = plan
@@ -127,7 +123,6 @@ class Measurement:
         self.sqrt_trace_method = sqrt_trace_method
         self.sqrt_trace_tol = sqrt_trace_tol
         self.group = group
-        self.counter = counter or CommCounter()
         #: Local Grams are of deviations G_s - G (backends where the mean is known first).
         self.centered_grams = centered_grams
         self.partial = torch.zeros(len(plan.params), 2, dtype=torch.float64)
@@ -191,7 +186,6 @@ class Measurement:
         for r, f in enumerate(flat):
             send[r, : f.numel()] = f
         received = torch.empty(width, dtype=torch.float64)
-        self.counter.add("gram", send)
         if plan.world_size > 1:
             reduce_scatter(received, send.view(-1), group=self.group)
         else:
@@ -230,7 +224,6 @@ class Measurement:
 
     # -- the one all-reduce ---------------------------------------------------------------------
     def finish(self, *, layer_breakdown: bool = False) -> GNSEstimate:
-        self.counter.add("partial_sums", self.partial)
         if self.plan.world_size > 1:
             dist.all_reduce(self.partial, group=self.group)
         totals = self.partial.sum(0)
