@@ -29,7 +29,7 @@ from nongns_dist.capture.statistics import (
     Measurement,
     MeasurementPlan,
     TrackedParam,
-    reduce_scatter,
+    reduce_scatter_rows,
 )
 from nongns_dist.estimators import GNSEstimate
 
@@ -110,19 +110,11 @@ class DDPCaptureState:
             # chunk r of the bucket, and will sum the statistics of that chunk only. Below float32
             # the all-reduced mean is too coarse for Q - n g^2, so the float32 local gradient
             # travels in the same call and rank r gets an exact sum S on its chunk as well.
-            record.chunk = chunk = -(-buffer.numel() // self.world_size)
+            local = buffer.float()
             record.with_sum = buffer.dtype not in (torch.float32, torch.float64)
-            rows = 2 if record.with_sum else 1
-            local = torch.zeros(self.world_size * chunk, dtype=torch.float32)
-            local[: buffer.numel()] = buffer
-            packed = torch.empty(self.world_size, rows, chunk, dtype=torch.float32)
-            packed[:, 0] = local.view(self.world_size, chunk).square()
-            if record.with_sum:
-                packed[:, 1] = local.view(self.world_size, chunk)
-            record.squares = packed.view(-1)
-            record.received = torch.empty(rows * chunk, dtype=torch.float32)  # flat for gloo
-            record.squares_work = reduce_scatter(
-                record.received, record.squares, group=self.process_group, async_op=True
+            rows = [local.square(), local] if record.with_sum else [local.square()]
+            record.squares_work, record.received, record.squares, record.chunk = (
+                reduce_scatter_rows(rows, self.world_size, self.process_group)
             )
         self._buckets.append(record)
         return record
@@ -146,21 +138,21 @@ class DDPCaptureState:
                 continue
             record.squares_work.wait()
             assert record.received is not None
-            lo, hi = rank * record.chunk, (rank + 1) * record.chunk
-            received = record.received.view(-1, record.chunk)
-            squares = received[0]
-            sums = received[1] / self.world_size if record.with_sum else None
-            for tracked, start, end in record.coords:
-                a, b = max(start, lo), min(end, hi)
-                if a < b:
-                    mean = sums[a - lo : b - lo] if sums is not None else buffer[a:b]
-                    measurement.add_coordinates(tracked, mean, squares[a - lo : b - lo])
+            lo = rank * record.chunk
+            # this rank's chunk of the mean: the exact float32 sums below float32, else the
+            # averaged bucket
+            mean = (
+                record.received[1] / self.world_size
+                if record.with_sum
+                else buffer[lo : lo + record.chunk]
+            )
+            measurement.add_chunk_coordinates(record.coords, record.chunk, mean, record.received[0])
         if self.plan.matrices:
             owned = measurement.reduce_grams()
             for tracked in self.plan.matrices:
                 if tracked.index in owned:
-                    mean = means.get(tracked.index, torch.zeros(tracked.shape))
-                    measurement.add_owned_matrix(tracked, owned[tracked.index], mean)
+                    mean_matrix = means.get(tracked.index, torch.zeros(tracked.shape))
+                    measurement.add_owned_matrix(tracked, owned[tracked.index], mean_matrix)
         self.on_estimate(measurement.finish(layer_breakdown=self.layer_breakdown))
 
     def _centre(self, record: _BucketRecord) -> None:

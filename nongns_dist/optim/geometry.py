@@ -43,8 +43,13 @@ _CLASS_GEOMETRY = {
 
 
 def group_geometry(optimizer: Optimizer, group: dict[str, Any]) -> str:
-    """The geometry of one parameter group: its ``geometry`` key, else the optimizer class's."""
+    """The geometry of one parameter group: its ``geometry`` key, else the optimizer class's.
+
+    Groups flagged ``use_muon`` (DeepSpeed's MuonWithAuxAdam, and ours) are spectral when the
+    flag is set and sign-like (Adam) otherwise."""
     geometry = group.get("geometry")
+    if geometry is None and "use_muon" in group:
+        geometry = "spectral" if group["use_muon"] else "sign"
     if geometry is None:
         geometry = _class_geometry(type(optimizer))
     if geometry not in GEOMETRY_NORMS:
@@ -70,9 +75,13 @@ def group_norms(optimizer: Optimizer) -> list[str | None]:
     geometries = [group_geometry(optimizer, g) for g in optimizer.param_groups]
     has_spectral = "spectral" in geometries
     return [
-        None if has_spectral and group.get("auxiliary", False) else GEOMETRY_NORMS[geometry]
+        None if has_spectral and _auxiliary(group) else GEOMETRY_NORMS[geometry]
         for group, geometry in zip(optimizer.param_groups, geometries, strict=True)
     ]
+
+
+def _auxiliary(group: dict[str, Any]) -> bool:
+    return bool(group.get("auxiliary", "use_muon" in group and not group["use_muon"]))
 
 
 def parameter_norms(
