@@ -21,6 +21,8 @@ import torch.multiprocessing as mp
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, args: tuple) -> None:
     torch.set_num_threads(1)  # ranks share the machine's cores
+    # what torchrun exports; DeepSpeed reads LOCAL_RANK even with a process group in place
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     dist.init_process_group(
         "gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size
     )

@@ -166,6 +166,13 @@ class DeepSpeedGNSPlugin:
 
         def wrapped_save(save_dir: str, tag: Any = None, client_state: Any = None, *a: Any,
                          **k: Any) -> Any:  # fmt: skip
+            if self.micro_step != 0:
+                raise RuntimeError(
+                    f"save_checkpoint between micro-steps ({self.micro_step} of "
+                    f"{self.controller.accumulation_steps} done): DeepSpeed does not save "
+                    "accumulated gradients, so they would be lost; save after the step's last "
+                    "engine.step() (engine.nongns.micro_step == 0)"
+                )
             state = dict(client_state or {})
             state["nongns"] = self.state_dict()
             return save(save_dir, tag, state, *a, **k)

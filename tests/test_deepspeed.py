@@ -1,0 +1,233 @@
+"""The DeepSpeed plugin on real engines (gloo, CPU, 2 processes), ZeRO stages 0-3."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import nongns_dist.deepspeed as nds
+from nongns_dist import GNSConfig, estimate_gns
+from nongns_dist.optim import Signum
+
+from .distributed import spawn
+
+pytestmark = pytest.mark.distributed
+deepspeed = pytest.importorskip("deepspeed")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_ops():
+    """Build DeepSpeed's JIT ops once here: two ranks building at once can crash."""
+    from deepspeed.accelerator import get_accelerator
+
+    for name in ("ShareMemCommBuilder", "FusedAdamBuilder"):
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load()
+
+
+def _config(stage, acc=2, **nongns):
+    """A shipped ds_configs/zero<stage>_adamw.json, shrunk for the tests."""
+    with open(os.path.join(ROOT, "ds_configs", f"zero{stage}_adamw.json")) as f:
+        config = json.load(f)
+    config.update(train_micro_batch_size_per_gpu=MICRO, gradient_accumulation_steps=acc)
+    config["optimizer"]["params"]["lr"] = 1e-3
+    config["nongns"] = {"enabled": True, "norm": "l1", "interval": 1, "adapt_batch_size": False,
+                        **nongns}  # fmt: skip
+    return config
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _batch(rank, step, micro):
+    g = torch.Generator().manual_seed(1000 * rank + 10 * step + micro)
+    return torch.randn(MICRO, 8, generator=g) + 0.3 * rank, torch.randn(MICRO, 4, generator=g)
+
+
+def _engine(config, plugin=True):
+    model = _model()
+    init = nds.initialize if plugin else deepspeed.initialize
+    engine, *_ = init(model=model, model_parameters=model.parameters(), config=config)
+    return engine
+
+
+def _full_state(engine):
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+        return [p.detach().clone() for p in params]
+
+
+def _train(engine, rank, accumulation, first_step=0):
+    """Run optimizer steps of the given micro-step counts; return micro-steps per step."""
+    counts = []
+    for step, acc in enumerate(accumulation, start=first_step):
+        before = engine.global_steps
+        for micro in range(acc):
+            x, y = _batch(rank, step, micro)
+            engine.backward(((engine(x) - y) ** 2).mean())
+            engine.step()
+        counts.append((acc, engine.global_steps - before))
+    return counts
+
+
+def _equality(rank, world, stage, norm):
+    engine = _engine(_config(stage, acc=2, norm=norm, layer_breakdown=True))
+    plugin = engine.nongns
+    reference = _model()
+    kinds = {t.name: t.norm for t in plugin.plan.params}
+    errors = []
+    for step in range(2):
+        reference.load_state_dict(
+            dict(zip(reference.state_dict(), _full_state(engine), strict=True))
+        )
+        micro_grads = []
+        for micro in range(2):
+            reference.zero_grad()
+            x, y = _batch(rank, step, micro)
+            ((reference(x) - y) ** 2).mean().backward()
+            micro_grads.append(
+                {n: p.grad.double().clone() for n, p in reference.named_parameters() if n in kinds}
+            )
+        per_rank = plugin.sample_kind == "rank"
+        local = (
+            [{n: (micro_grads[0][n] + micro_grads[1][n]) / 2 for n in kinds}]
+            if per_rank
+            else micro_grads
+        )
+        gathered = [None] * world
+        dist.all_gather_object(gathered, local)
+        want = estimate_gns([s for r in gathered for s in r], MICRO * (2 if per_rank else 1), kinds)
+        _train(engine, rank, [2], first_step=step)
+        got = plugin.last_estimate
+        errors.append((abs(got.noise / want.noise - 1), abs(got.signal / want.signal - 1)))
+    return plugin.sample_kind, errors
+
+
+@pytest.mark.parametrize(
+    ("stage", "norm"), [(0, "l1"), (1, "l1"), (2, "l1"), (3, "l1"), (0, "nuclear"), (3, "nuclear")]
+)
+def test_estimate_equals_reference_on_gathered_samples(stage, norm):
+    kind, errors = spawn(_equality, 2, stage, norm)[0]
+    assert kind == ("rank" if stage < 2 else "micro")
+    for noise_err, signal_err in errors:
+        assert noise_err < 1e-5 and signal_err < 1e-5
+
+
+def _identity_and_sequence(rank, world, stage, checkpoint_dir):
+    # 1. attached and measuring every step (measuring only reads gradients): same parameters
+    plain, ours = _engine(_config(stage), plugin=False), _engine(_config(stage))
+    _train(plain, rank, [2, 2, 2])
+    _train(ours, rank, [2, 2, 2])
+    identical = all(
+        torch.equal(a, b) for a, b in zip(_full_state(plain), _full_state(ours), strict=True)
+    )
+    # 2. a requested accumulation sequence gives exactly those micro-steps per optimizer step
+    engine = _engine(_config(stage, adapt_batch_size=False))
+    sequence, seen = [2, 3, 3, 1, 4], []
+    for acc in sequence:
+        engine.nongns.set_accumulation_steps(acc)
+        seen += _train(engine, rank, [acc])
+    samples = engine.nongns.samples
+    # 3. save at step k, load in a fresh engine: batch, multiplier and EMAs continue identically
+    cfg = _config(stage, acc=1, adapt_batch_size=True, theta=0.1, interval=2, max_batch_size=16)
+    first = _engine(cfg)
+    for _ in range(3):  # the count is read step by step: the batch grows on the way
+        _train(first, rank, [first.nongns.accumulation_steps])
+    first.save_checkpoint(checkpoint_dir, tag="k")
+    trace_a = []
+    for _ in range(4):
+        _train(first, rank, [first.nongns.accumulation_steps])
+        trace_a.append(first.nongns.controller.state_dict())
+    second = _engine(cfg)
+    second.load_checkpoint(checkpoint_dir, tag="k")
+    trace_b = []
+    for _ in range(4):
+        _train(second, rank, [second.nongns.accumulation_steps])
+        trace_b.append(second.nongns.controller.state_dict())
+    # 4. a save between micro-steps would lose the accumulated gradients: refused
+    refused = first.nongns.accumulation_steps == 1  # nothing to lose with one micro-step
+    x, y = _batch(rank, 9, 0)
+    first.backward(((first(x) - y) ** 2).mean())
+    first.step()
+    try:
+        first.save_checkpoint(checkpoint_dir, tag="mid")
+    except RuntimeError:
+        refused = True
+    return identical, seen, samples, trace_a, trace_b, refused
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bit_identity_accumulation_sequence_and_resume(stage, tmp_path):
+    identical, seen, samples, trace_a, trace_b, refused = spawn(
+        _identity_and_sequence, 2, stage, str(tmp_path)
+    )[0]
+    assert refused, "a save between micro-steps must be refused"
+    assert identical, "parameters differ from plain DeepSpeed"
+    assert seen == [(2, 1), (3, 1), (3, 1), (1, 1), (4, 1)], "micro-steps per optimizer step"
+    assert samples == (2 + 3 + 3 + 1 + 4) * MICRO * 2
+    assert trace_a == trace_b
+    assert (
+        trace_a[-1]["batch_size"] > trace_a[0]["batch_size"] or trace_a[0]["batch_size"] > MICRO * 2
+    ), "the resumed run must carry a grown batch"
+
+
+def _client_signum(rank, world):
+    model = _model()
+    config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
+              "nongns": {"enabled": True, "norm": "auto", "interval": 1}}  # fmt: skip
+    engine, *_ = nds.initialize(
+        model=model, optimizer=Signum(model.parameters(), lr=1e-3), config=config
+    )
+    _train(engine, rank, [1, 1])
+    return engine.nongns.last_estimate.norm, engine.nongns.plan.norm
+
+
+def test_client_optimizer_and_auto_geometry():
+    assert spawn(_client_signum, 2)[0] == ("l1", "l1")
+
+
+# -- the "nongns" section --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "match"),
+    [({"enabled": True, "theta": -1}, "theta"), ({"enabled": True, "intervall": 5}, "intervall"),
+     ({"norm": "spectral"}, "norm"), ({"enabled": "yes"}, "enabled"), ("on", "mapping")],
+)  # fmt: skip
+def test_bad_section_raises_before_deepspeed_starts(section, match):
+    with pytest.raises(ValueError, match=match):
+        nds.initialize(model=nn.Linear(2, 2), config={"train_batch_size": 2, "nongns": section})
+
+
+def test_disabled_or_absent_section_returns_deepspeed_objects():
+    assert nds.read_section({"train_batch_size": 2}) is None
+    assert nds.read_section({"nongns": {"enabled": False}}) == GNSConfig(enabled=False)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json"))))
+def test_shipped_configs_load(path):
+    section = nds.read_section(path)
+    assert section is not None and section.enabled
+    with open(path) as f:
+        config = json.load(f)
+    assert config["zero_optimization"]["stage"] in (0, 1, 2, 3)
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    DeepSpeedConfig(copy.deepcopy(config))  # DeepSpeed's own validation of the rest
+
+
+def test_configs_shipped():
+    assert len(glob.glob(os.path.join(ROOT, "ds_configs", "*.json"))) >= 8
