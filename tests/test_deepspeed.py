@@ -231,3 +231,36 @@ def test_shipped_configs_load(path):
 
 def test_configs_shipped():
     assert len(glob.glob(os.path.join(ROOT, "ds_configs", "*.json"))) >= 8
+
+
+class _EventSink:
+    """Stands in for DeepSpeed's monitor (TensorBoard/CSV writers) to read the events back."""
+
+    enabled = True
+
+    def __init__(self):
+        self.events = []
+
+    def write_events(self, events):
+        self.events += events
+
+
+def _builtin_muon_and_logging(rank, world):
+    with open(os.path.join(ROOT, "ds_configs", "zero2_muon.json")) as f:
+        config = json.load(f)
+    config.update(train_micro_batch_size_per_gpu=MICRO, gradient_accumulation_steps=2)
+    config["nongns"].update(interval=1, warmup_samples=0)
+    model = _model()
+    engine, *_ = nds.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engine.monitor = _EventSink()
+    _train(engine, rank, [2, engine.nongns.accumulation_steps])
+    measured = sorted(t.name for t in engine.nongns.plan.params)
+    return engine.nongns.last_estimate.norm, measured, sorted({e[0] for e in engine.monitor.events})
+
+
+def test_deepspeed_muon_auto_geometry_and_monitor_events():
+    norm, measured, events = spawn(_builtin_muon_and_logging, 2)[0]
+    assert norm == "nuclear"  # DeepSpeed's Muon: the use_muon matrices, the Adam group left out
+    assert measured == ["0.weight", "2.weight"]
+    assert {"Train/nongns/gns", "Train/nongns/noise", "Train/nongns/signal"} <= set(events)
+    assert {"Train/nongns/global_batch", "Train/nongns/lr_multiplier"} <= set(events)
