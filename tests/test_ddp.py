@@ -280,3 +280,23 @@ def _errors_worker(rank, world_size):
 
 def test_attach_errors():
     assert spawn(_errors_worker, 2) == [True, True]
+
+
+def _single_rank_worker(rank, world_size):
+    module = Net()
+    ddp = DDP(module)
+    opt = _make_optimizer("signum", module)
+    monitor = attach(ddp, GNSConfig(norm="l1", interval=1), opt, micro_batch_size=MICRO,
+                     accumulation_steps=2)  # fmt: skip
+    for step in range(2):
+        for micro in monitor.micro_steps():
+            with micro:
+                (_loss(ddp, *_batch(rank, step, micro.index)) / micro.loss_divisor).backward()
+        opt.step()
+        opt.zero_grad()
+    return monitor.can_measure, monitor.last_estimate, monitor.samples
+
+
+def test_single_rank_trains_without_measuring():
+    # one rank is one sample: nothing to measure, but the loop must run (with a warning)
+    assert spawn(_single_rank_worker, 1) == [(False, None, 2 * 2 * MICRO)]

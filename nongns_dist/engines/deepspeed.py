@@ -104,6 +104,13 @@ class DeepSpeedGNSPlugin:
             accumulation_steps=lambda: self.controller.accumulation_steps,
             add_sample=self._add_sample,
         )
+        if self._num_samples() < 2:
+            logger.warning(
+                "nongns_dist: %d rank(s) with %s samples give fewer than the 2 samples a "
+                "variance needs; nothing is measured while that holds",
+                self.world_size,
+                "per-rank" if self.sample_kind == "rank" else "per-micro-step",
+            )
         self.lr_multiplier = LRMultiplier(_basic_optimizer(engine))
         self._wrap_engine()
 
@@ -122,7 +129,11 @@ class DeepSpeedGNSPlugin:
 
     # -- measurement --------------------------------------------------------------------------
     def _measuring(self) -> bool:
-        return self.controller.is_measurement_step
+        return self.controller.is_measurement_step and self._num_samples() >= 2
+
+    def _num_samples(self) -> int:
+        per_micro = self.sample_kind == "micro"
+        return self.world_size * (self.controller.accumulation_steps if per_micro else 1)
 
     def _add_sample(self, tracked: Any, grad: torch.Tensor) -> None:
         if self._accumulator is None:
@@ -130,7 +141,7 @@ class DeepSpeedGNSPlugin:
             per_micro = self.sample_kind == "micro"
             measurement = Measurement(
                 self.plan,
-                num_samples=self.world_size * (acc if per_micro else 1),
+                num_samples=self._num_samples(),
                 sample_size=self.micro_batch_size * (1 if per_micro else acc),
                 bias_correction=self.config.bias_correction,
                 sqrt_trace_method=self.config.sqrt_trace_method,

@@ -118,7 +118,18 @@ class GNSMonitor:
             on_estimate=self._on_estimate,
             layer_breakdown=config.layer_breakdown,
         )
-        model.register_comm_hook(self.hook_state, gns_allreduce_hook)
+        # Per-rank samples: one rank is one sample, and a variance needs two. Training still
+        # runs (the driver, a constant batch); it is said once rather than failing mid-backward.
+        self.can_measure = config.enabled and self.world_size >= 2
+        if config.enabled and not self.can_measure:
+            logger.warning(
+                "nongns_dist: the noise scale needs >= 2 ranks under DDP (one sample per rank); "
+                "with %d rank nothing is measured and the batch stays at %d",
+                self.world_size,
+                self.controller.batch_size,
+            )
+        if self.can_measure:
+            model.register_comm_hook(self.hook_state, gns_allreduce_hook)
         self.lr_multiplier = LRMultiplier(optimizer) if optimizer is not None else None
         self._step_hook = (
             optimizer.register_step_post_hook(self._after_optimizer_step)
@@ -159,7 +170,11 @@ class GNSMonitor:
         return bool(getattr(self.model, "static_graph", False)) and self.controller.step == 0
 
     def _measure_now(self) -> bool:
-        return self.controller.is_measurement_step and not self._needs_synced_first_step()
+        return (
+            self.can_measure
+            and self.controller.is_measurement_step
+            and not self._needs_synced_first_step()
+        )
 
     # -- measurement callbacks --------------------------------------------------------------------
     def _new_measurement(self) -> Measurement:

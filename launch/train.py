@@ -1,0 +1,507 @@
+"""Train a small Llama data-parallel, growing the global batch from the optimizer-geometry noise
+scale (nongns_dist, arXiv 2602.03001). CPU + gloo; no downloads: by default the corpus is the
+bytes of this machine's Python standard library.
+
+    torchrun --standalone --nproc-per-node 2 launch/train.py      # the default: ~2 min, 2 cores
+    torchrun ... launch/train.py --optimizer adamw --batch-mode constant --initial-batch 32
+    bash launch/two_nodes_local.sh --sample-budget 2000           # two "nodes" on one machine
+
+The run ends when --sample-budget samples are spent. The learning rate follows the samples seen
+(linear warm-up over --warmup-fraction of the budget, then cosine to 0) times the batch
+controller's multiplier sqrt(B/B0), which ``nongns_dist.attach`` applies inside optimizer.step().
+Outputs in --out: metrics.jsonl (one line per optimizer step), TensorBoard events when the
+``tensorboard`` package is installed, checkpoint.pt and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+# Run as a script (torchrun launch/train.py), Python puts launch/ on sys.path, not the repo root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from launch.data import (
+    BYTE_VOCAB_SIZE,
+    Corpus,
+    batch_rng,
+    build_stdlib_corpus,
+    load_corpus,
+    sample_windows,
+    validation_windows,
+)
+from launch.llama import Llama, LlamaConfig
+from nongns_dist import GNSConfig, GNSEstimate, attach, warmup_cosine
+from nongns_dist.optim import Muon, SignSGD, Signum, muon_param_groups
+
+OPTIMIZERS = ("signum", "signsgd", "muon", "specsgd", "adamw", "sgd")
+#: Peak learning rates for the default model (muon, specsgd: of the hidden-matrix group).
+DEFAULT_LR = {
+    "signum": 1e-3,
+    "signsgd": 3e-4,
+    "muon": 0.02,
+    "specsgd": 0.02,
+    "adamw": 3e-3,
+    "sgd": 0.3,
+}
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # A None default means "decided from other flags", which the help text says.
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
+    )
+    p.add_argument(
+        "--engine", choices=("ddp", "deepspeed"), default="ddp", help="data-parallel runtime"
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="signum",
+        help="specsgd = Muon without momentum: spectral descent (Newton-Schulz) on hidden "
+        "matrices, signSGD on the rest. muon and specsgd orthogonalise in bfloat16, which is "
+        "slow on CPU (about 10x a signum step at --dim 128)",
+    )
+    lrs = ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
+    p.add_argument("--lr", type=float, default=None, help=f"peak lr (default: {lrs})")
+    p.add_argument(
+        "--aux-lr", type=float, default=3e-3, help="muon/specsgd: lr of non-matrix parameters"
+    )
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0, help="decoupled; SGD: L2 in the gradient"
+    )
+
+    gns = p.add_argument_group("noise scale and batch (nongns_dist.GNSConfig)")
+    gns.add_argument(
+        "--batch-mode",
+        choices=("constant", "adaptive"),
+        default="adaptive",
+        help="constant still measures and logs the noise scale",
+    )
+    gns.add_argument(
+        "--norm",
+        choices=("l1", "l2", "nuclear", "auto"),
+        default="auto",
+        help="auto: the dual norm of the optimizer's geometry",
+    )
+    gns.add_argument(
+        "--theta", type=float, default=0.6, help="target batch = noise / (theta^2 signal)"
+    )
+    gns.add_argument("--interval", type=int, default=10, help="measure every N optimizer steps")
+    gns.add_argument(
+        "--lr-scaling",
+        choices=("sqrt", "linear", "none"),
+        default="sqrt",
+        help="lr multiplier as the batch grows from B0 to B: sqrt(B/B0), B/B0 or 1",
+    )
+    gns.add_argument("--micro-batch", type=int, default=4, help="sequences per rank per micro-step")
+    gns.add_argument("--initial-batch", type=int, default=8, help="global batch at the start")
+    gns.add_argument("--max-batch", type=int, default=64, help="cap on the global batch; 0: none")
+    gns.add_argument(
+        "--warmup-fraction",
+        type=float,
+        default=0.15,
+        help="share of the budget for the lr warm-up; the batch may grow only after it",
+    )
+
+    run = p.add_argument_group("model and run")
+    run.add_argument("--sample-budget", type=int, default=6144, help="sequences to train on")
+    run.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    run.add_argument("--dim", type=int, default=128, help="model width")
+    run.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    run.add_argument("--heads", type=int, default=4, help="attention heads")
+    run.add_argument("--eval-every", type=int, default=50, help="optimizer steps; 0: at the end")
+    run.add_argument("--eval-batches", type=int, default=16, help="micro-batches of validation")
+    run.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    run.add_argument(
+        "--out", default=None, help="run directory (default: runs/<engine>-<optimizer>-<mode>)"
+    )
+
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data", default="stdlib", help="'stdlib', a text file (bytes) or a uint16 .bin file"
+    )
+    data.add_argument("--corpus-mb", type=float, default=4.0, help="size cap of the stdlib corpus")
+    data.add_argument("--corpus-dir", default="runs/corpus", help="cache of the stdlib corpus")
+    data.add_argument("--val-bin", default=None, help="validation tokens for a .bin --data")
+    data.add_argument("--val-fraction", type=float, default=0.05, help="held-out tail of a file")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
+    """Parse and check the flags; ``world_size`` defaults to torchrun's WORLD_SIZE (else 1)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # torchrun exports WORLD_SIZE before the processes start, so batch arithmetic is checked
+    # here, before any process group exists, and every rank fails with the same message.
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    unit = args.micro_batch * world
+    if world < 2:
+        # The DDP estimator treats the ranks' local gradients as the samples of the noise, and
+        # nongns_dist has no single-process path yet (it raises at the first measurement).
+        parser.error(
+            "nongns_dist estimates the noise scale across data-parallel ranks and needs at least "
+            "2; launch with: torchrun --standalone --nproc-per-node 2 launch/train.py ..."
+        )
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
+    if args.out is None:
+        args.out = f"runs/{args.engine}-{args.optimizer}-{args.batch_mode}"
+    if args.max_batch < 0:
+        parser.error(f"--max-batch must be >= 0 (0: no cap), got {args.max_batch}")
+    for name in ("micro_batch", "sample_budget", "seq_len", "eval_batches"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_every < 0:
+        parser.error(f"--eval-every must be >= 0, got {args.eval_every}")
+    if args.initial_batch % unit:
+        parser.error(
+            f"--initial-batch {args.initial_batch} is not a multiple of --micro-batch x world "
+            f"size = {args.micro_batch} x {world} = {unit}"
+        )
+    if args.sample_budget < args.initial_batch:
+        parser.error(f"--sample-budget {args.sample_budget} < --initial-batch {args.initial_batch}")
+    if not 0.0 <= args.warmup_fraction < 1.0:
+        parser.error(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
+    if args.data != "stdlib" and not Path(args.data).is_file():
+        parser.error(f"--data {args.data}: no such file (or use 'stdlib')")
+    if args.val_bin is not None and not args.data.endswith(".bin"):
+        parser.error("--val-bin needs a .bin --data file")
+    # The library and the model validate their own fields; their messages name field and value.
+    try:
+        gns_config(args)
+        model_config(args, vocab_size=BYTE_VOCAB_SIZE)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def gns_config(args: argparse.Namespace) -> GNSConfig:
+    return GNSConfig(
+        adapt_batch_size=args.batch_mode == "adaptive",
+        norm=args.norm,
+        theta=args.theta,
+        interval=args.interval,
+        warmup_samples=int(args.warmup_fraction * args.sample_budget),
+        initial_batch_size=args.initial_batch,
+        max_batch_size=args.max_batch or None,
+        lr_scaling=args.lr_scaling,
+    )
+
+
+def model_config(args: argparse.Namespace, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        max_seq_len=args.seq_len,
+    )
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    wd = args.weight_decay
+    if args.optimizer == "signum":
+        return Signum(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=wd)
+    if args.optimizer == "signsgd":
+        return SignSGD(model.parameters(), lr=args.lr, weight_decay=wd)
+    if args.optimizer == "muon":
+        return Muon(
+            muon_param_groups(model),
+            lr=args.lr,
+            weight_decay=wd,
+            aux="adamw",
+            aux_lr=args.aux_lr,
+            aux_weight_decay=wd,
+        )
+    if args.optimizer == "specsgd":
+        # nongns_dist.optim.SpecSGD takes matrices only; the hybrid without momentum is spectral
+        # descent on hidden matrices and sign descent on embeddings, head and gains.
+        return Muon(
+            muon_param_groups(model),
+            lr=args.lr,
+            momentum=0.0,
+            nesterov=False,
+            weight_decay=wd,
+            aux="signum",
+            aux_lr=args.aux_lr,
+            aux_momentum=0.0,
+            aux_weight_decay=wd,
+        )
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=wd)
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=wd)
+
+
+# -- distributed setup ----------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join torchrun's gloo group (env://); returns (rank, world size, local rank)."""
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def load_data(args: argparse.Namespace, local_rank: int) -> Corpus:
+    # One process per node builds the stdlib cache; the others wait, then read it. (Two nodes
+    # sharing a file system both build; the cache's writes are atomic renames, so that is safe.)
+    if args.data == "stdlib" and local_rank == 0:
+        build_stdlib_corpus(args.corpus_dir, args.corpus_mb)
+    dist.barrier()
+    return load_corpus(
+        args.data,
+        cache_dir=args.corpus_dir,
+        corpus_mb=args.corpus_mb,
+        val_fraction=args.val_fraction,
+        val_bin=args.val_bin,
+    )
+
+
+# -- loss, evaluation, logging ---------------------------------------------------------------------
+
+
+def next_token_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (batch, seq + 1) tokens. Called on the DDP wrapper when training,
+    so that DDP's hooks (and the noise-scale capture in them) run."""
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: torch.Tensor, micro_batch: int) -> float:
+    """Mean loss over fixed validation windows; the ranks split the micro-batches and sum."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batch count
+    for i, tokens in enumerate(windows.split(micro_batch)):
+        if i % world == rank:
+            totals += torch.tensor([next_token_loss(model, tokens).item(), 1.0])
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def global_mean(value: torch.Tensor) -> float:
+    total = value.detach().double().reshape(1)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no inf/nan
+
+
+class RunLog:
+    """Rank 0's outputs: metrics.jsonl (flushed per step), TensorBoard when importable, and the
+    trajectory of the global batch. Other ranks hold a disabled one, so call sites need no ifs.
+
+    TensorBoard's x-axis is samples seen, so runs with different batch trajectories line up."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.batch_trajectory: list[tuple[int, int]] = []
+        self._jsonl = None
+        self._tb: Any = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (out / "metrics.jsonl").open("w", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.say("tensorboard is not installed: TensorBoard logging skipped (metrics.jsonl)")
+        else:
+            self._tb = SummaryWriter(str(out / "tensorboard"))
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            tqdm.write(message)
+
+    def batch(self, step: int, batch_size: int) -> None:
+        """Note the batch a step runs with; the trajectory keeps the changes (steps completed
+        before the first step with that batch, batch)."""
+        if not self.batch_trajectory or self.batch_trajectory[-1][1] != batch_size:
+            self.batch_trajectory.append((step, batch_size))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "samples", "tokens") and value is not None:
+                    self._tb.add_scalar(key, value, global_step=record["samples"])
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+# -- engines -------------------------------------------------------------------------------------
+
+
+def train_ddp(args: argparse.Namespace) -> None:
+    rank, world, local_rank = init_distributed()
+    try:
+        _train_ddp(args, rank, world, local_rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_ddp(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> None:
+    started = time.perf_counter()
+    out = Path(args.out)
+    log = RunLog(out, enabled=rank == 0)
+    corpus = load_data(args, local_rank)
+    val_windows = validation_windows(corpus.val, args.seq_len, args.eval_batches * args.micro_batch)
+
+    torch.manual_seed(args.seed)  # the same initial weights everywhere (DDP broadcasts anyway)
+    model = Llama(model_config(args, corpus.vocab_size))
+    ddp = DDP(model)
+    optimizer = build_optimizer(args, model)
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]  # Muon's groups differ
+    try:
+        monitor = attach(ddp, gns_config(args), optimizer, micro_batch_size=args.micro_batch)
+    except ValueError as exc:  # e.g. a norm that leaves no parameter to measure
+        raise SystemExit(f"train.py: error: {exc}") from exc
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log.say(
+        f"world size {world}, {n_params / 1e6:.2f}M parameters, {args.optimizer} lr {args.lr:g}, "
+        f"batch {args.batch_mode} from {args.initial_batch} (max {args.max_batch}), "
+        f"budget {args.sample_budget} samples\ndata: {corpus.description}\nrun directory: {out}"
+    )
+    bar = tqdm(total=args.sample_budget, unit="sample", disable=rank != 0, dynamic_ncols=True)
+    val_loss: float | None = None
+    while monitor.samples < args.sample_budget:
+        # What this step runs with; the controller may change them when the step closes.
+        step, batch_size = monitor.step, monitor.batch_size
+        accumulation, multiplier = monitor.accumulation_steps, monitor.controller.lr_multiplier
+        log.batch(step, batch_size)
+        schedule = warmup_cosine(
+            monitor.samples, args.sample_budget, warmup_fraction=args.warmup_fraction
+        )
+        for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
+            group["lr"] = peak * schedule  # attach() multiplies by sqrt(B/B0) during step()
+
+        rng = batch_rng(args.seed, rank, step)
+        windows = sample_windows(corpus.train, args.seq_len, accumulation * args.micro_batch, rng)
+        loss_sum = torch.zeros(())
+        for micro, tokens in zip(
+            monitor.micro_steps(), windows.split(args.micro_batch), strict=True
+        ):
+            with micro:  # no_sync() on all but the last micro-step
+                loss = next_token_loss(ddp, tokens)
+                (loss / micro.loss_divisor).backward()
+            loss_sum += loss.detach()
+        before = monitor.last_estimate
+        optimizer.step()  # also closes the monitor's step: samples counted, next batch decided
+        optimizer.zero_grad(set_to_none=True)
+        decision = monitor.last_decision
+        assert decision is not None  # set by the step that just closed
+
+        record: dict[str, Any] = {
+            "step": monitor.step,
+            "samples": monitor.samples,
+            "tokens": monitor.samples * args.seq_len,
+            "batch_size": batch_size,
+            "accumulation": accumulation,
+            "lr": peak_lrs[0] * schedule * multiplier,
+            "lr_multiplier": multiplier,
+            "train_loss": global_mean(loss_sum / accumulation),
+        }
+        estimate: GNSEstimate | None = monitor.last_estimate
+        if estimate is not None and estimate is not before:  # this step measured
+            record |= {
+                "gns": finite_or_none(estimate.gns),
+                "noise": finite_or_none(estimate.noise),
+                "signal": finite_or_none(estimate.signal),
+                "target_batch_size": decision.target_batch_size,
+            }
+        done = monitor.samples >= args.sample_budget
+        if done or (args.eval_every and monitor.step % args.eval_every == 0):
+            val_loss = evaluate(model, val_windows, args.micro_batch)
+            record["val_loss"] = val_loss
+        log.write(record)
+        if decision.changed:
+            log.say(
+                f"step {monitor.step}: global batch {batch_size} -> {decision.batch_size} "
+                f"(accumulation {decision.accumulation_steps}, lr x{decision.lr_multiplier:.3f})"
+            )
+        postfix = {"loss": f"{record['train_loss']:.3f}", "B": monitor.batch_size}
+        if val_loss is not None:
+            postfix["val"] = f"{val_loss:.3f}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(min(batch_size, bar.total - bar.n))  # the last batch may overshoot the budget
+    bar.close()
+
+    assert val_loss is not None  # the last step always evaluates
+    log.close()
+    if rank != 0:
+        return
+    summary = {
+        "final_val_loss": val_loss,
+        "steps": monitor.step,
+        "samples": monitor.samples,
+        "tokens": monitor.samples * args.seq_len,
+        "batch_trajectory": log.batch_trajectory,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "world_size": world,
+        "parameters": n_params,
+        "data": corpus.description,
+        "args": vars(args),
+    }
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "monitor": monitor.state_dict(),
+        "args": vars(args),
+    }
+    torch.save(checkpoint, out / "checkpoint.pt")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(
+        f"final validation loss {val_loss:.4f} after {monitor.step} steps, "
+        f"{monitor.samples} samples ({monitor.samples * args.seq_len:,} tokens), "
+        f"{summary['wall_s']} s\n"
+        f"batch trajectory (step, global batch): {log.batch_trajectory}\n"
+        f"outputs: {out}/metrics.jsonl, summary.json, checkpoint.pt",
+        flush=True,
+    )
+
+
+def train_deepspeed(args: argparse.Namespace) -> None:
+    raise SystemExit(
+        "train.py: error: the DeepSpeed engine arrives with nongns_dist.deepspeed; "
+        "use --engine ddp for now"
+    )
+
+
+ENGINES = {"ddp": train_ddp, "deepspeed": train_deepspeed}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ENGINES[args.engine](args)
+
+
+if __name__ == "__main__":
+    main()

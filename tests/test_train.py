@@ -1,0 +1,141 @@
+"""The training job end to end: real torchrun launches on gloo, the two-node script, bad flags."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import train
+from launch.data import build_stdlib_corpus
+from launch.llama import Llama
+
+from .test_data import TEST_CORPUS_MB
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "launch" / "train.py"
+TINY = [
+    *("--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32"),
+    *("--micro-batch", "2", "--initial-batch", "4", "--max-batch", "16"),
+    *("--interval", "2", "--warmup-fraction", "0.1", "--sample-budget", "240"),
+    *("--eval-every", "10", "--eval-batches", "2", "--corpus-mb", str(TEST_CORPUS_MB)),
+]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache directory of test_data.py's session corpus (built once, whichever runs first)."""
+    cache = tmp_path_factory.getbasetemp() / "corpus"
+    build_stdlib_corpus(cache, TEST_CORPUS_MB)
+    return cache
+
+
+def _run(command: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.distributed
+def test_adaptive_run_on_two_ranks_grows_the_batch(tmp_path: Path, corpus_dir: Path) -> None:
+    out = tmp_path / "run"
+    flags = [*TINY, "--theta", "0.1", "--corpus-dir", str(corpus_dir), "--out", str(out)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    result = _run([*torchrun, "2", str(TRAIN), *flags], cwd=tmp_path)
+
+    summary = json.loads((out / "summary.json").read_text())
+    trajectory = summary["batch_trajectory"]
+    assert trajectory[0] == [0, 4] and len(trajectory) >= 2, trajectory
+    assert all(b1 < b2 for (_, b1), (_, b2) in itertools.pairwise(trajectory))
+    assert trajectory[-1][1] <= 16
+    assert summary["samples"] >= 240 and summary["world_size"] == 2
+    assert "batch trajectory" in result.stdout and "final validation loss" in result.stdout
+
+    records = _records(out)
+    assert [r["step"] for r in records] == list(range(1, summary["steps"] + 1))
+    assert records[-1]["samples"] == summary["samples"]
+    assert records[-1]["val_loss"] == pytest.approx(summary["final_val_loss"])
+    measured = [r for r in records if "gns" in r]
+    assert len(measured) == pytest.approx(summary["steps"] / 2, abs=1)  # --interval 2
+    # The lr multiplier follows the batch: sqrt(B / B0) with B0 = 4.
+    for r in records:
+        assert r["lr_multiplier"] == pytest.approx((r["batch_size"] / 4) ** 0.5)
+        assert r["accumulation"] * 2 * 2 == r["batch_size"]
+    # The loop trains at all.
+    assert records[-1]["val_loss"] < records[0]["train_loss"]
+
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    # The last step's decision is kept for a resume, even if no step ran with it.
+    assert checkpoint["monitor"]["controller"]["batch_size"] >= trajectory[-1][1]
+    assert checkpoint["args"]["optimizer"] == "signum"
+    model = Llama(train.model_config(train.parse_args(flags, world_size=2), vocab_size=256))
+    model.load_state_dict(checkpoint["model"])
+
+
+@pytest.mark.distributed
+def test_two_nodes_local_script_constant_batch_muon(tmp_path: Path, corpus_dir: Path) -> None:
+    """Two torchrun agents as two nodes; constant batch still measures (nuclear, for Muon)."""
+    out = tmp_path / "two"
+    flags = [*TINY, "--optimizer", "muon", "--batch-mode", "constant"]
+    flags += ["--sample-budget", "80", "--corpus-dir", str(corpus_dir), "--out", str(out)]
+    _run(["bash", str(REPO / "launch" / "two_nodes_local.sh"), *flags], cwd=tmp_path)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["batch_trajectory"] == [[0, 4]]
+    records = _records(out)
+    assert {r["batch_size"] for r in records} == {4}
+    assert any(r.get("gns") is not None for r in records)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--initial-batch", "6"], "not a multiple of --micro-batch x world size"),
+        (["--optimizer", "lamb"], "invalid choice: 'lamb'"),
+        (["--theta", "-1"], "theta"),
+        (["--max-batch", "4"], "max_batch_size"),
+        (["--heads", "3"], "n_heads=3"),
+        (["--data", "no/such/file.txt"], "no such file"),
+    ],
+)
+def test_bad_flags_are_clean_errors(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(flags, world_size=2)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_single_process_is_refused_with_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train.parse_args([], world_size=1)
+    assert "torchrun --standalone --nproc-per-node 2" in capsys.readouterr().err
+
+
+def test_deepspeed_engine_exits_with_a_message(tmp_path: Path) -> None:
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), "--engine", "deepspeed"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "the DeepSpeed engine arrives with nongns_dist.deepspeed" in result.stderr
