@@ -29,6 +29,7 @@ from nongns_dist.config import GNSConfig
 __all__ = [
     "BatchDecision",
     "BatchSizeController",
+    "ControllerReadout",
     "feasible_batch_size",
     "lr_multiplier",
     "warmup_cosine",
@@ -257,3 +258,25 @@ class BatchSizeController:
             )
         for key in self._STATE_KEYS:
             setattr(self, key, state[key])
+
+
+class ControllerReadout:
+    """What a training loop reads from a runtime that owns a ``controller``."""
+
+    controller: BatchSizeController
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.controller.accumulation_steps
+
+    @property
+    def batch_size(self) -> int:
+        return self.controller.batch_size
+
+    @property
+    def samples(self) -> int:
+        return self.controller.samples
+
+    @property
+    def step(self) -> int:
+        return self.controller.step

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from nongns_dist.capture.deepspeed import check_supported, install_capture
 from nongns_dist.capture.statistics import Measurement, MeasurementPlan, SampleAccumulator
 from nongns_dist.config import GNSConfig
-from nongns_dist.controller import BatchDecision, BatchSizeController
+from nongns_dist.controller import BatchDecision, BatchSizeController, ControllerReadout
 from nongns_dist.estimators import GNSEstimate
 from nongns_dist.optim.geometry import group_norms, parameter_norms
 from nongns_dist.optim.lr import LRMultiplier
@@ -72,7 +72,7 @@ def _named_norms(engine: Any, norm: str) -> list[tuple[str, torch.Tensor, str | 
     return result
 
 
-class DeepSpeedGNSPlugin:
+class DeepSpeedGNSPlugin(ControllerReadout):
     """Measurement, batch controller and accumulation driver of one DeepSpeed engine."""
 
     def __init__(self, engine: Any, config: GNSConfig) -> None:
@@ -113,19 +113,6 @@ class DeepSpeedGNSPlugin:
             )
         self.lr_multiplier = LRMultiplier(_basic_optimizer(engine))
         self._wrap_engine()
-
-    # -- what a training loop reads -----------------------------------------------------------
-    @property
-    def accumulation_steps(self) -> int:
-        return self.controller.accumulation_steps
-
-    @property
-    def batch_size(self) -> int:
-        return self.controller.batch_size
-
-    @property
-    def samples(self) -> int:
-        return self.controller.samples
 
     # -- measurement --------------------------------------------------------------------------
     def _measuring(self) -> bool:

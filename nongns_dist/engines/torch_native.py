@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nongns_dist.capture.ddp import DDPCaptureState, gns_allreduce_hook
 from nongns_dist.capture.statistics import Measurement, MeasurementPlan
 from nongns_dist.config import GNSConfig
-from nongns_dist.controller import BatchDecision, BatchSizeController
+from nongns_dist.controller import BatchDecision, BatchSizeController, ControllerReadout
 from nongns_dist.estimators import GNSEstimate
 from nongns_dist.optim.geometry import parameter_norms
 from nongns_dist.optim.lr import LRMultiplier
@@ -75,7 +75,7 @@ class MicroStep:
         self._context.__exit__(exc_type, exc, tb)
 
 
-class GNSMonitor:
+class GNSMonitor(ControllerReadout):
     """Measurement, controller and accumulation driver of one model. Build with ``attach``."""
 
     def __init__(
@@ -136,23 +136,6 @@ class GNSMonitor:
             if optimizer is not None
             else None
         )
-
-    # -- what the loop reads ------------------------------------------------------------------
-    @property
-    def accumulation_steps(self) -> int:
-        return self.controller.accumulation_steps
-
-    @property
-    def batch_size(self) -> int:
-        return self.controller.batch_size
-
-    @property
-    def samples(self) -> int:
-        return self.controller.samples
-
-    @property
-    def step(self) -> int:
-        return self.controller.step
 
     def micro_steps(self) -> Iterator[MicroStep]:
         """The micro-steps of the next optimizer step, with the count the controller decided."""

@@ -7,7 +7,15 @@ from collections.abc import Callable
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
-__all__ = ["SignSGD", "Signum"]
+__all__ = ["SignSGD", "Signum", "evaluate_closure"]
+
+
+def evaluate_closure(closure: Callable[[], float] | None) -> float | None:
+    """The torch.optim closure protocol: re-evaluate the loss with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _check_hyper(lr: float, weight_decay: float, momentum: float, nesterov: bool) -> None:
@@ -84,10 +92,7 @@ class Signum(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []

@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from nongns_dist.norms import polar_factor
-from nongns_dist.optim.sign import Signum
+from nongns_dist.optim.sign import Signum, evaluate_closure
 
 __all__ = ["HEAD_NAMES", "Muon", "SpecSGD", "muon_param_groups"]
 
@@ -64,10 +64,7 @@ class SpecSGD(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -225,10 +222,7 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self._muon.step()
         if self._aux is not None:
             self._aux.step()
