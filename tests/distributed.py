@@ -29,12 +29,16 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, arg
     try:
         result = fn(rank, world_size, *args)
         torch.save({"result": result}, os.path.join(workdir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together
     except BaseException:
         with open(os.path.join(workdir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    # The result is saved and every rank got here. Interpreter teardown with gloo's C++ threads
+    # still alive aborts about one process in fifty here ("terminate called without an active
+    # exception"), so skip it: nothing of the test is left to run.
+    os._exit(0)
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
