@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
+from nongns_dist.norms import SqrtTraceMethod
+
 __all__ = ["NORMS", "GNSConfig"]
 
 #: Norms an estimate can be taken in. ``auto`` asks the optimizer (see ``nongns_dist.optim``).
@@ -22,7 +24,6 @@ NORMS = ("l1", "l2", "nuclear", "auto")
 
 Norm = Literal["l1", "l2", "nuclear", "auto"]
 LRScaling = Literal["sqrt", "linear", "none"]
-SqrtTraceMethod = Literal["eigh", "newton_schulz"]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
