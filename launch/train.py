@@ -79,13 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=OPTIMIZERS,
         default="signum",
         help="specsgd = Muon without momentum: spectral descent (Newton-Schulz) on hidden "
-        "matrices, signSGD on the rest. muon and specsgd orthogonalise in bfloat16, which is "
-        "slow on CPU (about 10x a signum step at --dim 128)",
+        "matrices, signSGD on the rest",
     )
     lrs = ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
     p.add_argument("--lr", type=float, default=None, help=f"peak lr (default: {lrs})")
     p.add_argument(
         "--aux-lr", type=float, default=3e-3, help="muon/specsgd: lr of non-matrix parameters"
+    )
+    p.add_argument(
+        "--ns-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="muon/specsgd: Newton-Schulz precision; bfloat16 is torch.optim.Muon's own step "
+        "(GPUs), float32 the same update without the ~20x bfloat16 matmul penalty of CPUs",
     )
     p.add_argument(
         "--weight-decay", type=float, default=0.0, help="decoupled; SGD: L2 in the gradient"
@@ -230,6 +236,7 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.O
             muon_param_groups(model),
             lr=args.lr,
             weight_decay=wd,
+            ns_dtype=getattr(torch, args.ns_dtype),
             aux="adamw",
             aux_lr=args.aux_lr,
             aux_weight_decay=wd,
@@ -243,6 +250,7 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.O
             momentum=0.0,
             nesterov=False,
             weight_decay=wd,
+            ns_dtype=getattr(torch, args.ns_dtype),
             aux="signum",
             aux_lr=args.aux_lr,
             aux_momentum=0.0,

@@ -162,6 +162,48 @@ def test_muon_matches_torch_muon_plus_adamw_exactly():
         assert torch.equal(a, b), name
 
 
+def _reference_muon(weight, grads, lr, momentum, wd):
+    """Float64 brute force of Muon's update (momentum, Nesterov, quintic Newton-Schulz)."""
+    w, buf = weight.double().clone(), torch.zeros_like(weight, dtype=torch.float64)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for g in grads:
+        g = g.double()
+        buf = momentum * buf + (1 - momentum) * g
+        x = (1 - momentum) * g + momentum * buf
+        tall = x.shape[0] > x.shape[1]
+        x = x.T if tall else x
+        x = x / x.norm()
+        for _ in range(5):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        x = x.T if tall else x
+        w = w * (1 - lr * wd) - lr * max(1.0, w.shape[0] / w.shape[1]) ** 0.5 * x
+    return w
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12)])
+def test_muon_float_newton_schulz_matches_float64_reference(shape):
+    torch.manual_seed(1)
+    grads = [torch.randn(shape) for _ in range(3)]
+    start = torch.randn(shape)
+    results = {}
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        store = torch.float64 if dtype == torch.float64 else torch.float32
+        weight = nn.Parameter(start.clone().to(store))
+        opt = Muon([weight], lr=0.02, momentum=0.9, weight_decay=0.1, ns_dtype=dtype)
+        for g in grads:
+            weight.grad = g.clone().to(store)
+            opt.step()
+        assert opt.state[weight]["momentum_buffer"].shape == shape  # torch's state key
+        results[dtype] = weight.detach().double()
+    ref = _reference_muon(start, grads, lr=0.02, momentum=0.9, wd=0.1)
+    moved = (ref - start.double()).norm()
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        assert float((results[dtype] - ref).norm() / moved) <= tol, dtype
+    with pytest.raises(ValueError, match="ns_dtype"):
+        Muon([nn.Parameter(start.clone())], ns_dtype=torch.float16)
+
+
 def test_muon_aux_signum_and_validation():
     model = TinyLM()
     opt = Muon(muon_param_groups(model), aux="signum", aux_lr=1e-3, aux_momentum=0.5)
