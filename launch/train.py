@@ -72,8 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
     )
     p.add_argument(
-        "--engine", choices=("ddp", "deepspeed"), default="ddp", help="data-parallel runtime"
+        "--engine",
+        choices=("ddp", "deepspeed"),
+        default="ddp",
+        help="data-parallel runtime: torch DDP + nongns_dist.attach, or a DeepSpeed engine from "
+        "nongns_dist.deepspeed.initialize (config built from these flags, see --ds-config)",
     )
+    p.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=None,
+        help="deepspeed: ZeRO stage (default: --ds-config's, else 0); muon/specsgd need 0",
+    )
+    p.add_argument(
+        "--ds-config",
+        default=None,
+        help="deepspeed: a JSON file with further DeepSpeed settings; the batch, optimizer, "
+        "scheduler and nongns keys come from the flags and must not be in it",
+    )
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is used.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
@@ -85,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help=f"peak lr (default: {lrs})")
     p.add_argument(
         "--aux-lr", type=float, default=3e-3, help="muon/specsgd: lr of non-matrix parameters"
+    )
+    p.add_argument(
+        "--grad-clip",
+        type=float,
+        default=0.0,
+        help="clip the global gradient norm to this before the optimizer step; 0: off (both "
+        "engines; DeepSpeed's own default of 1.0 is overridden). The noise scale is measured "
+        "on the unclipped gradients",
     )
     p.add_argument(
         "--ns-dtype",
@@ -178,6 +205,8 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     for name in ("micro_batch", "sample_budget", "seq_len", "eval_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.grad_clip < 0:
+        parser.error(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
     if args.eval_every < 0:
         parser.error(f"--eval-every must be >= 0, got {args.eval_every}")
     if args.initial_batch % unit:
@@ -189,6 +218,20 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
         parser.error(f"--sample-budget {args.sample_budget} < --initial-batch {args.initial_batch}")
     if not 0.0 <= args.warmup_fraction < 1.0:
         parser.error(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
+    if args.engine != "deepspeed" and (args.zero_stage is not None or args.ds_config):
+        parser.error("--zero-stage and --ds-config need --engine deepspeed")
+    if args.engine == "deepspeed":
+        try:
+            config = deepspeed_config(args, world)
+        except ValueError as exc:
+            parser.error(str(exc))
+        stage = config["zero_optimization"]["stage"]
+        if args.optimizer in ("muon", "specsgd") and stage != 0:
+            parser.error(
+                f"--optimizer {args.optimizer} needs --zero-stage 0 under DeepSpeed: ZeRO {stage} "
+                "hands the optimizer flat 1-D partitions, and Muon orthogonalises whole matrices "
+                "(DeepSpeed's own Muon: see ds_configs/zero*_muon.json)"
+            )
     if args.data != "stdlib" and not Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file (or use 'stdlib')")
     if args.val_bin is not None and not args.data.endswith(".bin"):
@@ -213,6 +256,58 @@ def gns_config(args: argparse.Namespace) -> GNSConfig:
         max_batch_size=args.max_batch or None,
         lr_scaling=args.lr_scaling,
     )
+
+
+#: DeepSpeed config keys that train.py derives from its flags.
+DS_OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "gradient_clipping",
+    "nongns",
+)
+
+
+def deepspeed_config(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a run: --ds-config's settings plus the batch and the "nongns"
+    section from the flags. The optimizer is train.py's own (a client optimizer), so every
+    --optimizer works at stage 0; the lr schedule is train.py's too."""
+    config: dict[str, Any] = {}
+    if args.ds_config is not None:
+        try:
+            config = json.loads(Path(args.ds_config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--ds-config {args.ds_config}: {exc}") from exc
+        if not isinstance(config, dict):
+            raise ValueError(f"--ds-config {args.ds_config}: the JSON must be an object")
+        owned = [k for k in DS_OWNED_KEYS if k in config]
+        if owned:
+            raise ValueError(
+                f"--ds-config {args.ds_config} sets {owned}, which train.py derives from its "
+                "flags (--micro-batch, --initial-batch, --optimizer, --lr, --grad-clip, the "
+                "noise-scale flags); remove them from the file"
+            )
+    zero = dict(config.get("zero_optimization", {}))
+    file_stage = zero.get("stage")
+    if args.zero_stage is not None and file_stage not in (None, args.zero_stage):
+        raise ValueError(
+            f"--zero-stage {args.zero_stage} contradicts --ds-config's stage {file_stage}"
+        )
+    zero["stage"] = args.zero_stage if args.zero_stage is not None else (file_stage or 0)
+    if zero["stage"] > 0:
+        # ZeRO's list of "tested" optimizers is torch's and DeepSpeed's own; Signum updates
+        # elementwise, so flat partitions are fine (tests/test_deepspeed.py runs it at 1-3).
+        config.setdefault("zero_allow_untested_optimizer", True)
+    return {
+        **config,
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": args.initial_batch // (args.micro_batch * world_size),
+        "zero_optimization": zero,
+        "gradient_clipping": args.grad_clip,  # DeepSpeed 0.19 clips at 1.0 unless told
+        "nongns": gns_config(args).to_dict(),
+    }
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> LlamaConfig:
@@ -367,36 +462,104 @@ class RunLog:
 # -- engines -------------------------------------------------------------------------------------
 
 
-def train_ddp(args: argparse.Namespace) -> None:
+class DDPRuntime:
+    """torch DDP with nongns_dist.attach: no_sync micro-steps, one optimizer.step()."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module) -> None:
+        self.model = model
+        self.grad_clip = args.grad_clip
+        self.ddp = DDP(model)
+        self.optimizer = build_optimizer(args, model)
+        self.readout = attach(
+            self.ddp, gns_config(args), self.optimizer, micro_batch_size=args.micro_batch
+        )
+        self.eval_model: nn.Module = model  # not the wrapper: evaluation bypasses DDP's hooks
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        loss_sum = torch.zeros(())
+        for micro, tokens in zip(self.readout.micro_steps(), micro_batches, strict=True):
+            with micro:  # no_sync() on all but the last micro-step
+                loss = next_token_loss(self.ddp, tokens)
+                (loss / micro.loss_divisor).backward()
+            loss_sum += loss.detach()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()  # also closes the monitor's step: samples counted, next batch set
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def save(self, out: Path, args: argparse.Namespace) -> str:
+        if dist.get_rank() == 0:
+            checkpoint = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "monitor": self.readout.state_dict(),
+                "args": vars(args),
+            }
+            torch.save(checkpoint, out / "checkpoint.pt")
+        return "checkpoint.pt"
+
+
+class DeepSpeedRuntime:
+    """A DeepSpeed engine from nongns_dist.deepspeed.initialize: the plugin counts the
+    micro-steps of a plain engine(x) / backward / step stream and sets the accumulation."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module) -> None:
+        import nongns_dist.deepspeed as nds
+
+        self.optimizer = build_optimizer(args, model)  # groups (and lrs) stay shared under ZeRO
+        config = deepspeed_config(args, dist.get_world_size())
+        self.engine, *_ = nds.initialize(model=model, optimizer=self.optimizer, config=config)
+        self.readout = self.engine.nongns
+        self.eval_model = self.engine  # ZeRO-3 gathers its partitions in the engine's forward
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        loss_sum = torch.zeros(())
+        for tokens in micro_batches:
+            loss = next_token_loss(self.engine, tokens)
+            self.engine.backward(loss)  # DeepSpeed divides by the accumulation count
+            self.engine.step()  # the last one of the step runs the optimizer
+            loss_sum += loss.detach()
+        return loss_sum
+
+    def save(self, out: Path, args: argparse.Namespace) -> str:
+        self.engine.save_checkpoint(str(out / "checkpoint"), client_state={"args": vars(args)})
+        return "checkpoint/ (DeepSpeed)"
+
+
+RUNTIMES = {"ddp": DDPRuntime, "deepspeed": DeepSpeedRuntime}
+
+
+def train(args: argparse.Namespace) -> None:
     rank, world, local_rank = init_distributed()
     try:
-        _train_ddp(args, rank, world, local_rank)
+        _train(args, rank, world, local_rank)
     finally:
         dist.destroy_process_group()
 
 
-def _train_ddp(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> None:
+def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> None:
     started = time.perf_counter()
     out = Path(args.out)
     log = RunLog(out, enabled=rank == 0)
     corpus = load_data(args, local_rank)
     val_windows = validation_windows(corpus.val, args.seq_len, args.eval_batches * args.micro_batch)
 
-    torch.manual_seed(args.seed)  # the same initial weights everywhere (DDP broadcasts anyway)
+    torch.manual_seed(args.seed)  # the same initial weights everywhere (the engines broadcast)
     model = Llama(model_config(args, corpus.vocab_size))
-    ddp = DDP(model)
-    optimizer = build_optimizer(args, model)
-    peak_lrs = [group["lr"] for group in optimizer.param_groups]  # Muon's groups differ
     try:
-        monitor = attach(ddp, gns_config(args), optimizer, micro_batch_size=args.micro_batch)
+        runtime: DDPRuntime | DeepSpeedRuntime = RUNTIMES[args.engine](args, model)
     except ValueError as exc:  # e.g. a norm that leaves no parameter to measure
         raise SystemExit(f"train.py: error: {exc}") from exc
+    monitor, optimizer = runtime.readout, runtime.optimizer
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]  # Muon's groups differ
 
     n_params = sum(p.numel() for p in model.parameters())
     log.say(
-        f"world size {world}, {n_params / 1e6:.2f}M parameters, {args.optimizer} lr {args.lr:g}, "
-        f"batch {args.batch_mode} from {args.initial_batch} (max {args.max_batch}), "
-        f"budget {args.sample_budget} samples\ndata: {corpus.description}\nrun directory: {out}"
+        f"{args.engine}, world size {world}, {n_params / 1e6:.2f}M parameters, {args.optimizer} "
+        f"lr {args.lr:g}, batch {args.batch_mode} from {args.initial_batch} (max "
+        f"{args.max_batch}), budget {args.sample_budget} samples\ndata: {corpus.description}\n"
+        f"run directory: {out}"
     )
     bar = tqdm(total=args.sample_budget, unit="sample", disable=rank != 0, dynamic_ncols=True)
     val_loss: float | None = None
@@ -409,23 +572,14 @@ def _train_ddp(args: argparse.Namespace, rank: int, world: int, local_rank: int)
             monitor.samples, args.sample_budget, warmup_fraction=args.warmup_fraction
         )
         for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
-            group["lr"] = peak * schedule  # attach() multiplies by sqrt(B/B0) during step()
+            group["lr"] = peak * schedule  # the library multiplies by sqrt(B/B0) during step()
 
         rng = batch_rng(args.seed, rank, step)
         windows = sample_windows(corpus.train, args.seq_len, accumulation * args.micro_batch, rng)
-        loss_sum = torch.zeros(())
-        for micro, tokens in zip(
-            monitor.micro_steps(), windows.split(args.micro_batch), strict=True
-        ):
-            with micro:  # no_sync() on all but the last micro-step
-                loss = next_token_loss(ddp, tokens)
-                (loss / micro.loss_divisor).backward()
-            loss_sum += loss.detach()
         before = monitor.last_estimate
-        optimizer.step()  # also closes the monitor's step: samples counted, next batch decided
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum = runtime.train_step(list(windows.split(args.micro_batch)))
         decision = monitor.last_decision
-        assert decision is not None  # set by the step that just closed
+        assert decision is not None and monitor.step == step + 1  # set by the step that closed
 
         record: dict[str, Any] = {
             "step": monitor.step,
@@ -447,7 +601,7 @@ def _train_ddp(args: argparse.Namespace, rank: int, world: int, local_rank: int)
             }
         done = monitor.samples >= args.sample_budget
         if done or (args.eval_every and monitor.step % args.eval_every == 0):
-            val_loss = evaluate(model, val_windows, args.micro_batch)
+            val_loss = evaluate(runtime.eval_model, val_windows, args.micro_batch)
             record["val_loss"] = val_loss
         log.write(record)
         if decision.changed:
@@ -464,6 +618,7 @@ def _train_ddp(args: argparse.Namespace, rank: int, world: int, local_rank: int)
 
     assert val_loss is not None  # the last step always evaluates
     log.close()
+    checkpoint = runtime.save(out, args)  # collective under DeepSpeed: every rank calls it
     if rank != 0:
         return
     summary = {
@@ -473,42 +628,25 @@ def _train_ddp(args: argparse.Namespace, rank: int, world: int, local_rank: int)
         "tokens": monitor.samples * args.seq_len,
         "batch_trajectory": log.batch_trajectory,
         "wall_s": round(time.perf_counter() - started, 1),
+        "engine": args.engine,
         "world_size": world,
         "parameters": n_params,
         "data": corpus.description,
         "args": vars(args),
     }
-    checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "monitor": monitor.state_dict(),
-        "args": vars(args),
-    }
-    torch.save(checkpoint, out / "checkpoint.pt")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(
         f"final validation loss {val_loss:.4f} after {monitor.step} steps, "
         f"{monitor.samples} samples ({monitor.samples * args.seq_len:,} tokens), "
         f"{summary['wall_s']} s\n"
         f"batch trajectory (step, global batch): {log.batch_trajectory}\n"
-        f"outputs: {out}/metrics.jsonl, summary.json, checkpoint.pt",
+        f"outputs: {out}/metrics.jsonl, summary.json, {checkpoint}",
         flush=True,
     )
 
 
-def train_deepspeed(args: argparse.Namespace) -> None:
-    raise SystemExit(
-        "train.py: error: the DeepSpeed engine arrives with nongns_dist.deepspeed; "
-        "use --engine ddp for now"
-    )
-
-
-ENGINES = {"ddp": train_ddp, "deepspeed": train_deepspeed}
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    ENGINES[args.engine](args)
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -26,14 +26,8 @@ MICRO = 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def built_ops():
-    """Build DeepSpeed's JIT ops once here: two ranks building at once can crash."""
-    from deepspeed.accelerator import get_accelerator
-
-    for name in ("ShareMemCommBuilder", "FusedAdamBuilder"):
-        builder = get_accelerator().create_op_builder(name)
-        if builder is not None and builder.is_compatible():
-            builder.load()
+def built_ops(deepspeed_ops):
+    """Every test here starts DeepSpeed engines in spawned ranks."""
 
 
 def _config(stage, acc=2, **nongns):
