@@ -365,6 +365,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("small_batch", "large_factor", "eval_every", "eval_batches", "nproc"):
         if getattr(args, name) < 1:
             raise SystemExit(f"compare.py: error: --{name.replace('_', '-')} must be >= 1")
+    owned = {"--optimizer", "--lr", "--aux-lr", "--batch-mode", "--initial-batch", "--norm",
+             "--theta", "--seed", "--out", "--eval-every", "--eval-batches"}  # fmt: skip
+    clash = sorted(a.split("=")[0] for a in args.train_args if a.split("=")[0] in owned)
+    if clash:
+        raise SystemExit(
+            f"compare.py: error: {clash} after -- would override what each run sets; use "
+            "compare.py's own flags (--optimizers, --lr-grid, --theta-grid, --small-batch, ...)"
+        )
     if args.tune_seed in args.seeds:
         raise SystemExit("compare.py: error: --tune-seed must not be one of the reported --seeds")
     runner = Runner(args)
