@@ -39,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from launch.train import DEFAULT_LR
+from launch.train import build_parser as train_parser
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 MODES = ("small", "large", "euclidean", "non_euclidean")
@@ -190,7 +191,8 @@ class Tuned:
 def tune(runner: Runner, optimizer: str, report_only: bool) -> Tuned:
     args = runner.args
     seed = ["--seed", str(args.tune_seed)]
-    aux_default = 3e-3 if optimizer in ("muon", "specsgd") else None  # train.py's --aux-lr
+    hybrid = optimizer in ("muon", "specsgd")
+    aux_default = train_parser().get_default("aux_lr") if hybrid else None
     log = [f"{optimizer}: tuned on seed {args.tune_seed}"]
     lr_runs = {}
     for mult in args.lr_grid:
@@ -229,6 +231,17 @@ def tune(runner: Runner, optimizer: str, report_only: bool) -> Tuned:
 
 
 # -- report ----------------------------------------------------------------------------------------
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinities: "never reached" (steps inf, reduction -inf) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def mean_sd(values: list[float]) -> str:
@@ -298,7 +311,7 @@ def report(
     print(text, flush=True)
     (Path(args.out) / "table.md").write_text(text)
     (Path(args.out) / "results.json").write_text(
-        json.dumps(data, indent=1, default=lambda x: None if x == math.inf else x)
+        json.dumps(_finite(data), indent=1, allow_nan=False)
     )
     plot(args, results, labels)
     return data
@@ -362,9 +375,11 @@ def plot(
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    for name in ("small_batch", "large_factor", "eval_every", "eval_batches", "nproc"):
+    for name in ("small_batch", "large_factor", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
             raise SystemExit(f"compare.py: error: --{name.replace('_', '-')} must be >= 1")
+    if args.nproc < 2:
+        raise SystemExit("compare.py: error: --nproc must be >= 2 (the noise scale needs ranks)")
     owned = {"--optimizer", "--lr", "--aux-lr", "--batch-mode", "--initial-batch", "--norm",
              "--theta", "--seed", "--out", "--eval-every", "--eval-batches"}  # fmt: skip
     clash = sorted(a.split("=")[0] for a in args.train_args if a.split("=")[0] in owned)

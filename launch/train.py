@@ -4,13 +4,17 @@ bytes of this machine's Python standard library.
 
     torchrun --standalone --nproc-per-node 2 launch/train.py      # the default: ~2 min, 2 cores
     torchrun ... launch/train.py --optimizer adamw --batch-mode constant --initial-batch 32
+    torchrun ... launch/train.py --engine deepspeed --zero-stage 2  # DeepSpeed, ZeRO-2
+    bash launch/deepspeed_launcher.sh --zero-stage 1              # DeepSpeed's own launcher
     bash launch/two_nodes_local.sh --sample-budget 2000           # two "nodes" on one machine
 
 The run ends when --sample-budget samples are spent. The learning rate follows the samples seen
 (linear warm-up over --warmup-fraction of the budget, then cosine to 0) times the batch
-controller's multiplier sqrt(B/B0), which ``nongns_dist.attach`` applies inside optimizer.step().
-Outputs in --out: metrics.jsonl (one line per optimizer step), TensorBoard events when the
-``tensorboard`` package is installed, checkpoint.pt and summary.json.
+controller's multiplier sqrt(B/B0), which the library (``nongns_dist.attach`` for DDP,
+``nongns_dist.deepspeed.initialize`` for DeepSpeed) applies inside optimizer.step(). Outputs in
+--out: metrics.jsonl (one line per optimizer step), TensorBoard events when the ``tensorboard``
+package is installed, a checkpoint (DDP: checkpoint.pt; DeepSpeed: checkpoint/) and
+summary.json.
 """
 
 from __future__ import annotations
@@ -69,7 +73,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
+        prog="train.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # compare.py checks the flags it forwards by their full names
     )
     p.add_argument(
         "--engine",
@@ -89,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ds-config",
         default=None,
         help="deepspeed: a JSON file with further DeepSpeed settings; the batch, optimizer, "
-        "scheduler and nongns keys come from the flags and must not be in it",
+        "scheduler, gradient_clipping and nongns keys come from the flags and must not be in it",
     )
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is used.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -230,7 +237,8 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
             parser.error(
                 f"--optimizer {args.optimizer} needs --zero-stage 0 under DeepSpeed: ZeRO {stage} "
                 "hands the optimizer flat 1-D partitions, and Muon orthogonalises whole matrices "
-                "(DeepSpeed's own Muon: see ds_configs/zero*_muon.json)"
+                "(DeepSpeed's own Muon under ZeRO: ds_configs/zero*_muon.json with "
+                "nongns_dist.deepspeed.initialize in your own loop)"
             )
     if args.data != "stdlib" and not Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file (or use 'stdlib')")
@@ -289,8 +297,16 @@ def deepspeed_config(args: argparse.Namespace, world_size: int) -> dict[str, Any
                 "flags (--micro-batch, --initial-batch, --optimizer, --lr, --grad-clip, the "
                 "noise-scale flags); remove them from the file"
             )
-    zero = dict(config.get("zero_optimization", {}))
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"--ds-config {args.ds_config}: zero_optimization must be an object")
+    zero = dict(zero)
     file_stage = zero.get("stage")
+    if file_stage is not None and (type(file_stage) is not int or not 0 <= file_stage <= 3):
+        raise ValueError(
+            f"--ds-config {args.ds_config}: zero_optimization.stage must be 0, 1, 2 or 3, "
+            f"got {file_stage!r}"
+        )
     if args.zero_stage is not None and file_stage not in (None, args.zero_stage):
         raise ValueError(
             f"--zero-stage {args.zero_stage} contradicts --ds-config's stage {file_stage}"
@@ -359,10 +375,13 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.O
 # -- distributed setup ----------------------------------------------------------------------------
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """Join torchrun's gloo group (env://); returns (rank, world size, local rank)."""
+def init_distributed(args: argparse.Namespace) -> tuple[int, int, int]:
+    """Join the launcher's gloo group (env://); returns (rank, world size, local rank)."""
     dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    local = os.environ.get("LOCAL_RANK", args.local_rank)  # torchrun / deepspeed's --local_rank
+    if local is None:
+        raise SystemExit("train.py: error: no LOCAL_RANK: start with torchrun or deepspeed")
+    return dist.get_rank(), dist.get_world_size(), int(local)
 
 
 def load_data(args: argparse.Namespace, local_rank: int) -> Corpus:
@@ -392,12 +411,17 @@ def next_token_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: torch.Tensor, micro_batch: int) -> float:
-    """Mean loss over fixed validation windows; the ranks split the micro-batches and sum."""
+    """Mean loss over fixed validation windows; the ranks split the micro-batches and sum.
+
+    Every rank runs the same number of forwards (a rank short of one repeats a micro-batch and
+    leaves it out of the sums): ZeRO-3's forward gathers parameters collectively."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    batches = windows.split(micro_batch)
     totals = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batch count
-    for i, tokens in enumerate(windows.split(micro_batch)):
-        if i % world == rank:
-            totals += torch.tensor([next_token_loss(model, tokens).item(), 1.0])
+    for i in range(rank, -(-len(batches) // world) * world, world):
+        loss = next_token_loss(model, batches[min(i, len(batches) - 1)]).item()
+        if i < len(batches):
+            totals += torch.tensor([loss, 1.0])
     dist.all_reduce(totals)
     return (totals[0] / totals[1]).item()
 
@@ -505,6 +529,9 @@ class DeepSpeedRuntime:
     micro-steps of a plain engine(x) / backward / step stream and sets the accumulation."""
 
     def __init__(self, args: argparse.Namespace, model: nn.Module) -> None:
+        # This job keeps its model and batches on the CPU (gloo); without this DeepSpeed would
+        # move the model to a GPU when it finds one.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import nongns_dist.deepspeed as nds
 
         self.optimizer = build_optimizer(args, model)  # groups (and lrs) stay shared under ZeRO
@@ -531,7 +558,7 @@ RUNTIMES = {"ddp": DDPRuntime, "deepspeed": DeepSpeedRuntime}
 
 
 def train(args: argparse.Namespace) -> None:
-    rank, world, local_rank = init_distributed()
+    rank, world, local_rank = init_distributed(args)
     try:
         _train(args, rank, world, local_rank)
     finally:
@@ -547,14 +574,16 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
 
     torch.manual_seed(args.seed)  # the same initial weights everywhere (the engines broadcast)
     model = Llama(model_config(args, corpus.vocab_size))
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     try:
         runtime: DDPRuntime | DeepSpeedRuntime = RUNTIMES[args.engine](args, model)
-    except ValueError as exc:  # e.g. a norm that leaves no parameter to measure
+    except (ValueError, NotImplementedError) as exc:
+        # e.g. a norm that leaves no parameter to measure, or a --ds-config setting the
+        # DeepSpeed plugin does not support (offload, DeepCompile, ...)
         raise SystemExit(f"train.py: error: {exc}") from exc
     monitor, optimizer = runtime.readout, runtime.optimizer
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # Muon's groups differ
 
-    n_params = sum(p.numel() for p in model.parameters())
     log.say(
         f"{args.engine}, world size {world}, {n_params / 1e6:.2f}M parameters, {args.optimizer} "
         f"lr {args.lr:g}, batch {args.batch_mode} from {args.initial_batch} (max "

@@ -196,6 +196,18 @@ def sqrt_trace(
 PolarMethod = Literal["svd", "newton_schulz"]
 
 
+def muon_quintic(
+    x: torch.Tensor, steps: int, coefficients: tuple[float, float, float] = _FAST_COEFFS
+) -> torch.Tensor:
+    """``steps`` of Muon's quintic X <- a X + (b G + c G^2) X, G = X X^T, on a wide matrix
+    (rows <= cols) already scaled to spectral norm <= 1; its singular values land near 1."""
+    a, b, c = coefficients
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x
+
+
 def polar_factor(
     matrix: torch.Tensor,
     method: PolarMethod = "svd",
@@ -226,10 +238,7 @@ def polar_factor(
     if norm == 0:
         return torch.zeros_like(matrix)
     x = x / norm
-    ca, cb, cc = _FAST_COEFFS
-    for _ in range(fast_steps):
-        gram = x @ x.T
-        x = ca * x + (cb * gram + cc * gram @ gram) @ x
+    x = muon_quintic(x, fast_steps)
     for _ in range(max_iter):
         step = 0.5 * (x - (x @ x.T) @ x)  # X_new - X for the cubic
         x = x + step

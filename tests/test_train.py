@@ -164,21 +164,25 @@ def test_deepspeed_config_flags_are_checked(
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_deepspeed_engine_reproduces_the_ddp_run(
     tmp_path: Path, corpus_dir: Path, deepspeed_ops: None
 ) -> None:
-    """The same job on DDP, DeepSpeed stage 0 and ZeRO-2: the reference is the DDP run.
+    """The same job on DDP, DeepSpeed stage 0, ZeRO-2 and ZeRO-3: the reference is the DDP run.
 
     Stage 0 measures per-rank samples like DDP, so losses, noise scales and batches agree;
-    ZeRO-2 measures per-micro-step samples (a different, valid estimate), so there the
-    trajectory is pinned by the losses and the batch schedule."""
+    ZeRO-2/3 measure per-micro-step samples (a different, valid estimate), so there the
+    trajectory is pinned by the losses and the batch schedule. Three validation micro-batches on
+    two ranks: ZeRO-3's collective forward must not hang on the uneven split."""
     flags = [*TINY, "--optimizer", "sgd", "--theta", "0.1", "--corpus-dir", str(corpus_dir)]
+    flags += ["--eval-batches", "3"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
     runs = {}
     for name, engine in (
         ("ddp", ["--engine", "ddp"]),
         ("zero0", ["--engine", "deepspeed", "--zero-stage", "0"]),
         ("zero2", ["--engine", "deepspeed", "--zero-stage", "2"]),
+        ("zero3", ["--engine", "deepspeed", "--zero-stage", "3"]),
     ):
         out = tmp_path / name
         _run([*torchrun, "2", str(TRAIN), *flags, *engine, "--out", str(out)], cwd=tmp_path)
@@ -195,7 +199,8 @@ def test_deepspeed_engine_reproduces_the_ddp_run(
                     assert mine[key] == pytest.approx(ref[key], rel=1e-5), (name, key)
             if name == "zero0" and ref.get("gns") is not None:
                 assert mine["gns"] == pytest.approx(ref["gns"], rel=1e-6)
-    assert (tmp_path / "zero2" / "checkpoint" / "latest").is_file()
+    assert (tmp_path / "zero3" / "checkpoint" / "latest").is_file()
+    assert runs["zero3"][0]["parameters"] == ddp_summary["parameters"]  # counted before ZeRO-3
     assert (tmp_path / "ddp" / "checkpoint.pt").is_file()
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from nongns_dist.norms import polar_factor
+from nongns_dist.norms import muon_quintic, polar_factor
 from nongns_dist.optim.sign import Signum, evaluate_closure
 
 __all__ = ["HEAD_NAMES", "Muon", "SpecSGD", "muon_param_groups"]
@@ -250,24 +250,24 @@ class Muon(Optimizer):
 def _muon_update(
     p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype
 ) -> None:
-    """torch.optim.Muon's update of one matrix with the Newton-Schulz iteration in ``dtype``."""
+    """torch.optim.Muon's update of one matrix (momentum, Nesterov, quintic, lr adjusted by
+    shape, decoupled decay) with the Newton-Schulz iteration in ``dtype``."""
     grad = p.grad
     assert grad is not None
+    if grad.ndim != 2 or grad.is_sparse:  # torch's Muon refuses these too
+        raise ValueError(f"Muon needs dense 2-D gradients, got shape {tuple(grad.shape)}")
     if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
     buf = state["momentum_buffer"]
     momentum = group["momentum"]
     buf.lerp_(grad, 1 - momentum)
     update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-    a, b, c = group["ns_coefficients"]
     x = update.to(dtype)
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T
     x = x / x.norm().clamp(min=group["eps"])
-    for _ in range(group["ns_steps"]):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = muon_quintic(x, group["ns_steps"], tuple(group["ns_coefficients"]))
     if tall:
         x = x.T
     rows, cols = p.shape[:2]
