@@ -135,13 +135,15 @@ class Runner:
             if report_only:
                 raise SystemExit(f"compare.py: error: run {directory} is missing or stale")
             command = [
-                "torchrun",
+                sys.executable,  # torchrun of this interpreter, not whichever is on PATH
+                "-m",
+                "torch.distributed.run",
                 "--standalone",
                 f"--nproc-per-node={self.args.nproc}",
                 str(TRAIN),
                 *flags,
             ]
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command)}", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] run {name}: {' '.join(command)}", flush=True)
             directory.mkdir(parents=True, exist_ok=True)
             with (directory / "train.log").open("w") as log:
                 env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -300,7 +302,28 @@ def report(
                 m: [r.summary["batch_trajectory"] for r in by_mode[m]] for m in MODES
             },
         }
-    table = "\n".join(lines)
+    # The reverse question, where the paper's one has no answer: at the loss each mode ends
+    # at, how many steps did the small batch need to get there?
+    matched = [
+        "",
+        f"| optimizer | steps {labels['small']} needs to reach each mode's final "
+        "validation loss, vs the mode's steps (median over seeds) |",
+        "|---|---|",
+    ]
+    for opt, by_mode in results.items():
+        cells = []
+        for m in MODES[1:]:
+            pairs = [
+                (base.steps_to(r.final), r.steps)
+                for base, r in zip(by_mode["small"], by_mode[m], strict=True)
+            ]
+            need = statistics.median(p[0] for p in pairs)
+            own = statistics.median(p[1] for p in pairs)
+            saved = f"{100 * (1 - own / need):.0f}% fewer" if math.isfinite(need) else "never"
+            cells.append(f"{labels[m]}: {need:g} vs {own:g} ({saved})")
+            data[opt].setdefault("small_steps_to_final", {})[m] = [p[0] for p in pairs]
+        matched.append(f"| {opt} | " + "; ".join(cells) + " |")
+    table = "\n".join(lines + matched)
     notes = [
         f"seeds {args.seeds}; each cell: final validation loss mean ± sd; steps: mean optimizer "
         f"steps of {' / '.join(labels[m] for m in MODES)}; reduction: median over seeds of "
@@ -355,7 +378,8 @@ def plot(
         axes[0].axhline(small_best, color="k", ls=":", lw=1, label=f"{labels['small']} best (mean)")
         axes[0].set(xlabel="optimizer step", ylabel="validation loss", title=f"{opt}: validation")
         lo = min(r.best for rs in by_mode.values() for r in rs)
-        axes[0].set_ylim(lo - 0.05, lo + 0.8)
+        hi = max(r.final for rs in by_mode.values() for r in rs)
+        axes[0].set_ylim(lo - 0.05, max(lo + 0.8, hi + 0.1))
         axes[1].set(xlabel="optimizer step", ylabel="global batch (sequences)", title="batch size")
         axes[2].set(
             xlabel="optimizer step",

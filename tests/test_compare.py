@@ -62,9 +62,9 @@ def test_tiny_comparison_end_to_end(tmp_path: Path) -> None:
 
     again = subprocess.run([*command, "--report-only", *train_flags], env=env,
                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert again.returncode == 0 and "torch.distributed.run" not in again.stdout, again.stderr[
-        -3000:
-    ]
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "] run " in first.stdout and "torch.distributed.run" in first.stdout
+    assert "] run " not in again.stdout  # every run reused
     assert json.loads((out / "results.json").read_text())["signum"] == results
 
     clash = subprocess.run([*command, "--", "--theta", "0.5"], env=env, capture_output=True,
