@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -80,6 +81,10 @@ def test_adaptive_run_on_two_ranks_grows_the_batch(tmp_path: Path, corpus_dir: P
         assert r["accumulation"] * 2 * 2 == r["batch_size"]
     # The loop trains at all.
     assert records[-1]["val_loss"] < records[0]["train_loss"]
+    # TensorBoard events exactly when the optional extra is installed, and a note when it is not.
+    has_tensorboard = importlib.util.find_spec("tensorboard") is not None
+    assert (out / "tensorboard").is_dir() == has_tensorboard
+    assert ("tensorboard is not installed" in result.stdout + result.stderr) != has_tensorboard
 
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     # The last step's decision is kept for a resume, even if no step ran with it.
