@@ -554,7 +554,10 @@ class DeepSpeedRuntime:
         return "checkpoint/ (DeepSpeed)"
 
 
-RUNTIMES = {"ddp": DDPRuntime, "deepspeed": DeepSpeedRuntime}
+RUNTIMES: dict[str, type[DDPRuntime] | type[DeepSpeedRuntime]] = {
+    "ddp": DDPRuntime,
+    "deepspeed": DeepSpeedRuntime,
+}
 
 
 def train(args: argparse.Namespace) -> None:

@@ -165,7 +165,7 @@ def build(kind: str, norm: str, interval: int, args: argparse.Namespace) -> dict
     opt = Signum(module.parameters(), lr=1e-4, momentum=0.9)
     cfg: dict[str, Any] = {"kind": kind, "norm": norm, "ddp": ddp, "opt": opt, "times": []}
     if kind == "ours":
-        gns = GNSConfig(norm=norm, interval=interval, adapt_batch_size=False)
+        gns = GNSConfig.from_dict({"norm": norm, "interval": interval, "adapt_batch_size": False})
         cfg["monitor"] = attach(ddp, gns, opt, micro_batch_size=args.micro)
     elif kind == "paper":
         cfg["paper"] = PaperState(norm, module, args.micro)
