@@ -323,7 +323,28 @@ def report(
             cells.append(f"{labels[m]}: {need:g} vs {own:g} ({saved})")
             data[opt].setdefault("small_steps_to_final", {})[m] = [p[0] for p in pairs]
         matched.append(f"| {opt} | " + "; ".join(cells) + " |")
-    table = "\n".join(lines + matched)
+    # Where the small batch sits against the noise scale it measures: the EMA noise scale is
+    # the controller's target batch x theta^2 (read back from each small-batch run's records).
+    scales = [
+        "",
+        f"| optimizer | EMA noise scale of the {labels['small']} runs at 25 / 50 / "
+        "75 / 100% of their measurements, per seed (sequences) |",
+        "|---|---|",
+    ]
+    for opt, by_mode in results.items():
+        cells = []
+        for r in by_mode["small"]:
+            theta = float(r.summary["args"]["theta"])
+            ema = [
+                rec["target_batch_size"] * theta**2
+                for rec in r.records
+                if rec.get("target_batch_size") is not None
+            ]
+            picks = [ema[max(0, round(f * len(ema)) - 1)] for f in (0.25, 0.5, 0.75, 1.0)]
+            cells.append(" / ".join(f"{x:.1f}" for x in picks) if ema else "none measured")
+            data[opt].setdefault("small_ema_noise_scale", []).append(picks if ema else None)
+        scales.append(f"| {opt} | " + "; ".join(cells) + " |")
+    table = "\n".join(lines + matched + scales)
     notes = [
         f"seeds {args.seeds}; each cell: final validation loss mean ± sd; steps: mean optimizer "
         f"steps of {' / '.join(labels[m] for m in MODES)}; reduction: median over seeds of "
