@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "bfloat16"),
         default="float32",
         help="muon/specsgd: Newton-Schulz precision; bfloat16 is torch.optim.Muon's own step "
-        "(GPUs), float32 the same update without the ~20x bfloat16 matmul penalty of CPUs",
+        "(GPUs), float32 the same update without the 12x+ bfloat16 matmul penalty of CPUs",
     )
     p.add_argument(
         "--weight-decay", type=float, default=0.0, help="decoupled; SGD: L2 in the gradient"
