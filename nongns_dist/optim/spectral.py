@@ -127,8 +127,9 @@ class Muon(Optimizer):
 
     ``ns_dtype``: the Newton-Schulz precision. ``torch.bfloat16`` (default) runs torch's own
     Muon step, bit for bit. CPUs without bfloat16 matrix units run it 12x to 90x slower than
-    float32 (launch/benchmarks/muon_ns_dtype.py), so ``torch.float32`` runs the same update (momentum,
-    Nesterov, quintic, shape lr adjustment, decoupled decay, same state keys) in float32.
+    float32 (launch/benchmarks/muon_ns_dtype.py), so ``torch.float32`` runs the same update
+    (momentum, Nesterov, quintic, shape lr adjustment, decoupled decay, same state keys) in
+    float32.
 
     Example::
 
