@@ -76,10 +76,7 @@ def _equality_worker(rank, world_size, norm, acc, options):
     cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False, layer_breakdown=True,
                     check_consistency=True)  # fmt: skip
     monitor = attach(ddp, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
-    names = {id(p): n for n, p in module.named_parameters()}
-    norms = {
-        names[id(p)]: t.norm for p, t in zip(monitor.plan.tensors, monitor.plan.params, strict=True)
-    }
+    norms = {t.name: t.norm for t in monitor.plan.params}
     results = []
     for step in range(3):
         use_branch = not (options.get("unused") and step == 1)

@@ -1,189 +1,164 @@
-"""DDP capture: a comm hook that measures on every F-th optimizer step and is the default
-all-reduce otherwise.
+"""DDP capture: a comm hook that is ``allreduce_hook`` on steps that do not measure and adds
+gradient statistics on steps that do.
 
 Per-rank samples (DESIGN.md section 2): the driver runs the micro-steps of one optimizer step
 under ``no_sync`` except the last, so on the sync step each bucket holds this rank's gradient
-accumulated over its local batch: n = ranks, b = micro-batch x accumulation steps.
+accumulated over its local batch.
 
 On a measuring step, for each bucket, before its gradients are overwritten by the average:
-* matrices measured in the nuclear norm: the local gradient is copied; when the bucket's
-  average G arrives (its all-reduce callback) the Gram of the deviation G_r - G is formed in
-  float64 and the copy dropped, so only buckets in flight hold copies;
+* matrices measured in the nuclear norm: the local gradient is copied;
 * coordinates measured in l1/l2: their squares are REDUCE-SCATTERED (asynchronously), so each
   rank receives sum_r g_r^2 on 1/R of the bucket only;
 * the bucket is averaged exactly like ``allreduce_hook``.
-At the end of backward (an autograd callback: after DDP has written the averaged gradients and
-before the user can clip them) each rank sums its slices, owners finish their matrices, and one
-all-reduce of the per-parameter partial sums yields the estimate.
+A bucket is finished (squares summed, Grams of G_r - G sent to owners and square-rooted there,
+copies dropped) when the next bucket arrives or at the end of backward, whichever is first: at
+most two buckets' copies are alive, however many layers the model has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from nongns_dist.capture.statistics import (
-    Measurement,
-    MeasurementPlan,
-    TrackedParam,
-    reduce_scatter_rows,
-)
-from nongns_dist.estimators import GNSEstimate
+from nongns_dist.capture.plan import TrackedParam
+from nongns_dist.capture.session import MeasurementSession, SampleKind
 
-__all__ = ["DDPCaptureState", "gns_allreduce_hook"]
+__all__ = ["DDPCapture", "gns_allreduce_hook"]
 
 
-class DDPCaptureState:
-    """All mutable state of the hook (pickling drops the process group, as PowerSGD's does)."""
+class DDPCapture:
+    """The DDP backend; also the comm hook's state (pickling drops the group and session)."""
 
-    __slots__ = (
-        "_buckets",
-        "_measurement",
-        "layer_breakdown",
-        "make_measurement",
-        "measure_now",
-        "on_estimate",
-        "plan",
-        "process_group",
-        "world_size",
-    )
+    __slots__ = ("_finished_token", "_records", "device", "group", "model", "sample_kind",
+                 "session", "tracked", "world_size")  # fmt: skip
 
-    def __init__(
-        self,
-        process_group: dist.ProcessGroup | None,
-        plan: MeasurementPlan,
-        *,
-        measure_now: Callable[[], bool],
-        make_measurement: Callable[[], Measurement],
-        on_estimate: Callable[[GNSEstimate], None],
-        layer_breakdown: bool = False,
-    ) -> None:
-        # -- wiring: set once by attach() -------------------------------------------------------
-        self.process_group = process_group
-        self.world_size = dist.get_world_size(process_group)
-        self.plan = plan
-        self.measure_now = measure_now  # is the current optimizer step a measuring one?
-        self.make_measurement = make_measurement
-        self.on_estimate = on_estimate
-        self.layer_breakdown = layer_breakdown
-        # -- internal state of the measuring step in flight --------------------------------------
-        self._measurement: Measurement | None = None
-        self._buckets: list[_BucketRecord] = []
+    def __init__(self, model: DistributedDataParallel, group: dist.ProcessGroup | None) -> None:
+        # -- wiring ----------------------------------------------------------------------------
+        self.model = model
+        self.group: dist.ProcessGroup | None = group if group is not None else model.process_group
+        self.world_size = dist.get_world_size(self.group)
+        self.sample_kind: SampleKind = "rank"
+        param = next(model.module.parameters())
+        self.device = param.device
+        self.session: MeasurementSession | None = None
+        self.tracked: dict[int, TrackedParam] = {}  # id(param) -> plan entry
+        # -- the measuring step in flight ------------------------------------------------------
+        self._records: list[_BucketRecord] = []  # buckets not finished yet
+        self._finished_token = -1  # session.step_token of the last finished backward
+
+    # -- GradientCapture -----------------------------------------------------------------------
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in self.model.module.named_parameters() if p.requires_grad]
+
+    def full_shapes(self) -> dict[int, torch.Size]:
+        return {}
+
+    def install(self, session: MeasurementSession) -> None:
+        self.session = session
+        for name, param in self.named_parameters():
+            tracked = session.plan.get(name)
+            if tracked is not None:
+                self.tracked[id(param)] = tracked
+        self.model.register_comm_hook(self, gns_allreduce_hook)
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        return self.model.no_sync()
+
+    def remove(self) -> None:
+        """DDP cannot unregister a comm hook: this only stops measuring (build a new DDP)."""
+        self.session = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__ if k not in ("process_group",)}
+        return {k: getattr(self, k) for k in self.__slots__ if k not in ("group", "session")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.process_group = None
+        self.group, self.session = None, None
         for k, v in state.items():
             setattr(self, k, v)
 
-    # -- measuring ----------------------------------------------------------------------------
-    def _begin(self) -> Measurement:
-        if self._measurement is None:
-            self._measurement = self.make_measurement()
-            self._buckets = []
-            # Runs after DDP's own finalize callback (queued at the first gradient of backward).
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
-        return self._measurement
-
-    def _capture(self, bucket: dist.GradBucket) -> _BucketRecord:
+    # -- measuring -----------------------------------------------------------------------------
+    def _capture(self, session: MeasurementSession, bucket: dist.GradBucket) -> _BucketRecord:
+        if self._finished_token == session.step_token:
+            raise RuntimeError(
+                "a measuring step ran more than one synchronised backward; run the micro-steps "
+                "through monitor.micro_steps() so that all but the last use no_sync()"
+            )
+        if not self._records:
+            # The first bucket of this backward: finish the rest at its end (after DDP's own
+            # finalize callback, queued at the first gradient) and before clipping can run.
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        else:
+            self._finish_buckets()  # the previous bucket's average has been launched: finish it
         buffer = bucket.buffer()
-        record = _BucketRecord(self._begin(), buffer)
+        record = _BucketRecord(buffer)
         start = 0
-        # The flat buffer holds the bucket's parameters' gradients back to back, in order
-        # (``bucket.gradients()`` are p.grad themselves unless gradient_as_bucket_view).
+        # The flat buffer holds the bucket's parameters' gradients back to back, in order.
         for param in bucket.parameters():
             end = start + param.numel()
-            tracked = self.plan.tracked(param)
+            tracked = self.tracked.get(id(param))
             if tracked is not None and tracked.norm == "nuclear":
-                # kept until the average exists: the Gram is of the deviation G_r - G (below)
+                # kept until the average exists: the Gram is of the deviation G_r - G
                 record.matrices.append((tracked, start, end, buffer[start:end].clone()))
             elif tracked is not None:
                 record.coords.append((tracked, start, end))
             start = end
         if record.coords:
-            # Squares of the local gradient, reduce-scattered: rank r gets the sum over ranks of
-            # chunk r of the bucket, and will sum the statistics of that chunk only. Below float32
-            # the all-reduced mean is too coarse for Q - n g^2, so the float32 local gradient
-            # travels in the same call and rank r gets an exact sum S on its chunk as well.
-            local = buffer.float()
+            # Below float32 the all-reduced mean is too coarse for Q - n g^2, so the float32
+            # local gradient travels with its squares and rank r gets an exact sum S as well.
             record.with_sum = buffer.dtype not in (torch.float32, torch.float64)
-            rows = [local.square(), local] if record.with_sum else [local.square()]
             record.squares_work, record.received, record.squares, record.chunk = (
-                reduce_scatter_rows(rows, self.world_size, self.process_group)
+                session.reduce_squares(buffer, with_sum=record.with_sum)
             )
-        self._buckets.append(record)
+        self._records.append(record)
         return record
 
-    def _finish(self) -> None:
-        measurement, records = self._measurement, self._buckets
-        self._measurement, self._buckets = None, []
-        if measurement is None:
+    def _finish_buckets(self) -> None:
+        session = self.session
+        records, self._records = self._records, []
+        if session is None or not session.armed:
             return
-        rank = dist.get_rank(self.process_group)
-        means: dict[int, torch.Tensor] = {}
         for record in records:
-            # Wait for this bucket's all-reduce and its callback (which formed the centred
-            # Grams): DDP queues its finalize callback after this one, so p.grad is not set yet.
             assert record.done is not None
-            record.done.wait()
-            buffer = record.buffer  # now the mean gradient
-            for tracked, start, end in record.matrix_spans:
-                means[tracked.index] = buffer[start:end].view(tracked.shape)
-            if record.squares_work is None:
-                continue
-            record.squares_work.wait()
-            assert record.received is not None
-            lo = rank * record.chunk
-            # this rank's chunk of the mean: the exact float32 sums below float32, else the
-            # averaged bucket
-            mean = (
-                record.received[1] / self.world_size
-                if record.with_sum
-                else buffer[lo : lo + record.chunk]
-            )
-            measurement.add_chunk_coordinates(record.coords, record.chunk, mean, record.received[0])
-        if self.plan.matrices:
-            owned = measurement.reduce_grams()
-            for tracked in self.plan.matrices:
-                if tracked.index in owned:
-                    mean_matrix = means.get(tracked.index, torch.zeros(tracked.shape))
-                    measurement.add_owned_matrix(tracked, owned[tracked.index], mean_matrix)
-        self.on_estimate(measurement.finish(layer_breakdown=self.layer_breakdown))
+            record.done.wait()  # the bucket's all-reduce: the buffer now holds the mean
+            buffer = record.buffer
+            if record.squares_work is not None:
+                record.squares_work.wait()
+                assert record.received is not None
+                lo = session.rank * record.chunk
+                mean = (
+                    record.received[1] / self.world_size
+                    if record.with_sum
+                    else buffer[lo : lo + record.chunk]
+                )
+                session.add_coordinate_chunk(record.coords, lo, mean, record.received[0])
+            if record.matrices:
+                session.add_matrices(
+                    [t for t, _, _, _ in record.matrices],
+                    [local for _, _, _, local in record.matrices],
+                    [buffer[start:end] for _, start, end, _ in record.matrices],
+                )
 
-    def _centre(self, record: _BucketRecord) -> None:
-        """All-reduce callback: Grams of the deviations G_r - G, then drop the local copies.
-
-        sum_r (G_r - G)(G_r - G)^T is PSD with no cancellation and equals
-        sum_r G_r G_r^T - n G G^T up to n d d^T, d the rounding of the averaged G.
-        """
-        for tracked, start, end, local in record.matrices:
-            mean = record.buffer[start:end].view(tracked.shape)
-            record.measurement.add_local_gram(
-                tracked, local.view(tracked.shape).double() - mean.double()
-            )
-            record.matrix_spans.append((tracked, start, end))
-        record.matrices.clear()
+    def _end_of_backward(self) -> None:
+        if self._records and self.session is not None:
+            self._finish_buckets()
+            self._finished_token = self.session.step_token
 
 
 class _BucketRecord:
-    """What a measuring step remembers of one bucket until the end of backward."""
+    """What a measuring step remembers of one bucket until it is finished."""
 
-    __slots__ = ("buffer", "chunk", "coords", "done", "matrices", "matrix_spans", "measurement",
-                 "received", "squares", "squares_work", "with_sum")  # fmt: skip
+    __slots__ = ("buffer", "chunk", "coords", "done", "matrices", "received", "squares",
+                 "squares_work", "with_sum")  # fmt: skip
 
-    def __init__(self, measurement: Measurement, buffer: torch.Tensor) -> None:
-        self.measurement = measurement
+    def __init__(self, buffer: torch.Tensor) -> None:
         self.buffer = buffer
         self.coords: list[tuple[TrackedParam, int, int]] = []  # l1/l2: (param, start, end)
         # nuclear: (param, start, end, this rank's gradient copied before the all-reduce)
         self.matrices: list[tuple[TrackedParam, int, int, torch.Tensor]] = []
-        # ... and what is left of them once the all-reduce callback dropped the copies
-        self.matrix_spans: list[tuple[TrackedParam, int, int]] = []
         self.chunk = 0
         self.with_sum = False
         # ``squares`` stays referenced until its work completes: gloo reads it asynchronously
@@ -194,28 +169,24 @@ class _BucketRecord:
 
 
 def gns_allreduce_hook(
-    state: DDPCaptureState, bucket: dist.GradBucket
+    state: DDPCapture, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
     """The DDP comm hook: ``allreduce_hook`` plus, on measuring steps, gradient statistics."""
-    record = state._capture(bucket) if state.measure_now() else None
+    session = state.session
+    record = state._capture(session, bucket) if session is not None and session.armed else None
     tensor = bucket.buffer()
     tensor.div_(state.world_size)  # as allreduce_hook: divide first (fp16 overflow)
-    future = dist.all_reduce(tensor, group=state.process_group, async_op=True).get_future()
-    if record is None:
-        return future.then(lambda fut: fut.value()[0])
-
-    def centre(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
-        state._centre(record)
-        return fut.value()[0]
-
-    record.done = future.then(centre)
-    return record.done
+    future = dist.all_reduce(tensor, group=state.group, async_op=True).get_future()
+    done = future.then(lambda fut: fut.value()[0])
+    if record is not None:
+        record.done = done
+    return done
 
 
 # DDP's register_comm_hook compares these annotations with the real objects; postponed
 # evaluation (``from __future__ import annotations``) would leave strings there.
 gns_allreduce_hook.__annotations__ = {
-    "state": DDPCaptureState,
+    "state": DDPCapture,
     "bucket": dist.GradBucket,
     "return": torch.futures.Future[torch.Tensor],
 }

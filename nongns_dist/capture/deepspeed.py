@@ -15,18 +15,17 @@ out. The wrappers only read gradients: on steps that do not measure they call st
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from nongns_dist.capture.statistics import MeasurementPlan, TrackedParam
+from nongns_dist.capture.plan import TrackedParam
+from nongns_dist.capture.session import MeasurementSession, SampleAccumulator, SampleKind
 
-__all__ = ["check_supported", "install_capture"]
-
-#: (tracked parameter, local gradient as a mean over the sample's examples)
-AddSample = Callable[[TrackedParam, torch.Tensor], None]
+__all__ = ["DeepSpeedCapture", "check_supported"]
 
 
 def check_supported(engine: Any) -> None:
@@ -47,6 +46,8 @@ def check_supported(engine: Any) -> None:
         problems.append("pipeline parallelism")
     if not getattr(engine, "managed_gradient_accumulation", lambda: True)():
         problems.append("managed_gradient_accumulation=false")
+    if int(getattr(engine, "sequence_parallel_size", 1) or 1) > 1:
+        problems.append("sequence parallelism (ranks of one sequence are not samples)")
     if problems:
         raise NotImplementedError(
             "nongns_dist cannot see the gradient reductions with: " + "; ".join(problems)
@@ -73,61 +74,110 @@ def _require(obj: Any, name: str, params: int) -> Callable[..., Any]:
     return method
 
 
-def install_capture(
-    engine: Any,
-    plan: MeasurementPlan,
-    *,
-    measuring: Callable[[], bool],
-    accumulation_steps: Callable[[], int],
-    add_sample: AddSample,
-) -> str:
-    """Wrap the engine's reduction entry point; returns ``"rank"`` or ``"micro"`` (the kind of
-    sample it produces)."""
-    stage = int(engine.zero_optimization_stage())
-    module = engine.module
+class DeepSpeedCapture:
+    """The DeepSpeed backend: wraps the reduction entry point of the engine's ZeRO stage."""
 
-    if stage == 0:
-        original = _require(engine, "allreduce_gradients", 0)
+    def __init__(self, engine: Any) -> None:
+        check_supported(engine)
+        self.engine = engine
+        self.stage = int(engine.zero_optimization_stage())
+        if self.stage not in (0, 1, 2, 3):
+            raise NotImplementedError(f"ZeRO stage {self.stage} is not supported")
+        # ZeRO-2/3 reduce every micro-step: one sample per (rank, micro-step)
+        self.sample_kind: SampleKind = "micro" if self.stage >= 2 else "rank"
+        self.group = engine.data_parallel_group
+        self.device = torch.device(engine.device)
+        self.session: MeasurementSession | None = None
+        self._accumulator: SampleAccumulator | None = None
+        self._tracked: dict[int, TrackedParam] = {}
+        self._accumulation_steps: Callable[[], int] = lambda: 1
 
-        def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
-            if measuring() and engine.is_gradient_accumulation_boundary():
-                scale = _loss_scale(engine)
-                for param in module.parameters():
-                    tracked = plan.tracked(param)
-                    if tracked is not None and param.grad is not None:
-                        add_sample(tracked, param.grad / scale)
-            return original(*args, **kwargs)
+    # -- GradientCapture -----------------------------------------------------------------------
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
 
-        engine.allreduce_gradients = allreduce_gradients
-        return "rank"
+    def full_shapes(self) -> dict[int, torch.Size]:
+        # ZeRO-3 parameters are empty placeholders that carry their real shape in ds_shape
+        return {
+            id(p): torch.Size(p.ds_shape)
+            for _, p in self.named_parameters()
+            if hasattr(p, "ds_shape")
+        }
 
-    optimizer = engine.optimizer
-    if stage in (1, 2):
-        original = _require(optimizer, "reduce_ready_partitions_and_remove_grads", 2)
-        per_micro = stage == 2
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError(
+            "DeepSpeed accumulates by itself: the plugin marks the boundary before each backward"
+        )
 
-        def reduce_ready(param: torch.Tensor, i: int, *args: Any, **kwargs: Any) -> Any:
-            tracked = plan.tracked(param)
-            if tracked is not None and measuring():
-                grad = optimizer.get_gradient_for_reduction(param)
-                if grad is not None:
-                    factor = (accumulation_steps() if per_micro else 1) / _loss_scale(engine)
-                    add_sample(tracked, grad * factor)
-            return original(param, i, *args, **kwargs)
+    def remove(self) -> None:
+        self.session = None
 
-        optimizer.reduce_ready_partitions_and_remove_grads = reduce_ready
-        return "micro" if per_micro else "rank"
+    def install(self, session: MeasurementSession, accumulation_steps: Callable[[], int]) -> None:
+        """Start feeding ``session``; ``accumulation_steps`` gives the current step's count
+        (ZeRO-2/3 samples are undivided by it)."""
+        self.session = session
+        self._accumulation_steps = accumulation_steps
+        for name, param in self.named_parameters():
+            tracked = session.plan.get(name)
+            if tracked is not None:
+                self._tracked[id(param)] = tracked
+        self._wrap_entry_point()
 
-    if stage == 3:
+    def flush(self) -> None:
+        """At the boundary, before the optimizer step: reduce this step's samples into the
+        session (a collective; a no-op on steps that do not measure)."""
+        if self.session is not None and self.session.armed:
+            accumulator = self._accumulator or SampleAccumulator(self.session)
+            accumulator.flush(self.device)
+        self._accumulator = None
+
+    # -- the hook points -----------------------------------------------------------------------
+    def _add(self, param: torch.Tensor, grad: torch.Tensor | None, factor: float) -> None:
+        tracked = self._tracked.get(id(param))
+        session = self.session
+        if tracked is None or grad is None or session is None or not session.armed:
+            return
+        if self._accumulator is None:
+            self._accumulator = SampleAccumulator(session)
+        self._accumulator.add(tracked, grad * (factor / _loss_scale(self.engine)))
+
+    def _measuring(self) -> bool:
+        return self.session is not None and self.session.armed
+
+    def _wrap_entry_point(self) -> None:
+        engine = self.engine
+        module = engine.module
+        if self.stage == 0:
+            original = _require(engine, "allreduce_gradients", 0)
+
+            def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
+                if self._measuring() and engine.is_gradient_accumulation_boundary():
+                    for param in module.parameters():
+                        self._add(param, param.grad, 1.0)
+                return original(*args, **kwargs)
+
+            engine.allreduce_gradients = allreduce_gradients
+            return
+
+        optimizer = engine.optimizer
+        if self.stage in (1, 2):
+            original = _require(optimizer, "reduce_ready_partitions_and_remove_grads", 2)
+            per_micro = self.stage == 2
+
+            def reduce_ready(param: torch.Tensor, i: int, *args: Any, **kwargs: Any) -> Any:
+                if self._measuring() and id(param) in self._tracked:
+                    factor = self._accumulation_steps() if per_micro else 1
+                    self._add(param, optimizer.get_gradient_for_reduction(param), factor)
+                return original(param, i, *args, **kwargs)
+
+            optimizer.reduce_ready_partitions_and_remove_grads = reduce_ready
+            return
+
         original = _require(optimizer, "reduce_ready_partitions_and_remove_grads", 1)
 
         def reduce_ready_3(param: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            tracked = plan.tracked(param)
-            if tracked is not None and measuring() and param.grad is not None:
-                add_sample(tracked, param.grad * (accumulation_steps() / _loss_scale(engine)))
+            if self._measuring():
+                self._add(param, param.grad, self._accumulation_steps())
             return original(param, *args, **kwargs)
 
         optimizer.reduce_ready_partitions_and_remove_grads = reduce_ready_3
-        return "micro"
-
-    raise NotImplementedError(f"ZeRO stage {stage} is not supported")

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nongns_dist.capture.deepspeed import check_supported, install_capture
-from nongns_dist.capture.statistics import Measurement, MeasurementPlan, SampleAccumulator
+from nongns_dist.capture.deepspeed import DeepSpeedCapture
+from nongns_dist.capture.plan import MeasurementPlan, PlanEntry, plan_entries
+from nongns_dist.capture.session import MeasurementSession
 from nongns_dist.config import GNSConfig
-from nongns_dist.controller import BatchDecision, BatchSizeController, ControllerReadout
-from nongns_dist.estimators import GNSEstimate
-from nongns_dist.optim.geometry import group_norms, parameter_norms
+from nongns_dist.controller import BatchSizeController
+from nongns_dist.engines.core import Event, StepCore
+from nongns_dist.optim.geometry import group_norms
 from nongns_dist.optim.lr import LRMultiplier
 
 __all__ = ["DeepSpeedGNSPlugin"]
@@ -48,95 +49,68 @@ def _module_groups(engine: Any) -> list[list[torch.Tensor]]:
     return [list(g["params"]) for g in _basic_optimizer(engine).param_groups]
 
 
-def _named_norms(engine: Any, norm: str) -> list[tuple[str, torch.Tensor, str | None]]:
-    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+def _plan_entries(capture: DeepSpeedCapture, norm: str) -> list[PlanEntry]:
+    kinds = None
     if norm == "auto":
-        per_param: dict[int, str | None] = {}
-        for params, kind in zip(
-            _module_groups(engine), group_norms(_basic_optimizer(engine)), strict=True
-        ):
-            for p in params:
-                dims = len(getattr(p, "ds_shape", p.shape))
-                per_param[id(p)] = kind if (kind != "nuclear" or dims >= 2) else None
-        result = [(n, p, per_param.get(id(p))) for n, p in named]
-    else:
-        by_param = parameter_norms(None, norm, [p for _, p in named])
-        result = [(n, p, by_param[p]) for n, p in named]
-        if norm == "nuclear":  # ZeRO-3 parameters are empty placeholders: use their real shape
-            result = [
-                (n, p, "nuclear" if len(getattr(p, "ds_shape", p.shape)) >= 2 else None)
-                for n, p, _ in result
-            ]
-    if not any(k is not None for _, _, k in result):
-        raise ValueError(f"norm={norm!r} leaves no trainable parameter to measure")
-    return result
+        engine = capture.engine
+        kinds = {
+            id(p): kind
+            for params, kind in zip(
+                _module_groups(engine), group_norms(_basic_optimizer(engine)), strict=True
+            )
+            for p in params
+        }
+    return plan_entries(capture.named_parameters(), norm, kinds, shape_of=capture.full_shapes())
 
 
-class DeepSpeedGNSPlugin(ControllerReadout):
+class DeepSpeedGNSPlugin(StepCore):
     """Measurement, batch controller and accumulation driver of one DeepSpeed engine."""
 
     def __init__(self, engine: Any, config: GNSConfig) -> None:
-        check_supported(engine)
         self.engine = engine
-        self.config = config
+        self.capture = DeepSpeedCapture(engine)
         self.world_size = int(engine.dp_world_size)
         self.micro_batch_size = int(engine.train_micro_batch_size_per_gpu())
         engine_acc = int(engine.gradient_accumulation_steps())
-        self.controller = BatchSizeController(
+        controller = BatchSizeController(
             config,
             micro_batch_size=self.micro_batch_size,
             world_size=self.world_size,
             accumulation_steps=None if config.initial_batch_size else engine_acc,
         )
-        if self.controller.accumulation_steps != engine_acc:
-            engine.set_train_batch_size(self.controller.batch_size)
+        if controller.accumulation_steps != engine_acc:
+            engine.set_train_batch_size(controller.batch_size)
+        group = self.capture.group
         self.plan = MeasurementPlan(
-            _named_norms(engine, config.norm), self.world_size, dist.get_rank()
+            _plan_entries(self.capture, config.norm), self.world_size, dist.get_rank(group)
         )
-        self.last_estimate: GNSEstimate | None = None
-        self.last_decision: BatchDecision | None = None
-        self.micro_step = 0  # index of the next micro-step within the optimizer step
-        self._accumulator: SampleAccumulator | None = None
-        self.sample_kind = install_capture(
-            engine,
+        session = MeasurementSession(
             self.plan,
-            measuring=self._measuring,
-            accumulation_steps=lambda: self.controller.accumulation_steps,
-            add_sample=self._add_sample,
+            config,
+            group=group,
+            micro_batch_size=self.micro_batch_size,
+            sample_kind=self.capture.sample_kind,
+            device=self.capture.device,
         )
-        if self._num_samples() < 2:
+        self.sample_kind = self.capture.sample_kind
+        self.micro_step = 0  # index of the next micro-step within the optimizer step
+        super().__init__(
+            config,
+            controller,
+            session,
+            LRMultiplier(_basic_optimizer(engine)),
+            on_events=self._write_events,
+        )
+        self.capture.install(session, lambda: self.controller.accumulation_steps)
+        if not session.can_measure(controller.accumulation_steps):
             logger.warning(
                 "nongns_dist: %d rank(s) with %s samples give fewer than the 2 samples a "
                 "variance needs; nothing is measured while that holds",
                 self.world_size,
                 "per-rank" if self.sample_kind == "rank" else "per-micro-step",
             )
-        self.lr_multiplier = LRMultiplier(_basic_optimizer(engine))
         self._wrap_engine()
-
-    # -- measurement --------------------------------------------------------------------------
-    def _measuring(self) -> bool:
-        return self.controller.is_measurement_step and self._num_samples() >= 2
-
-    def _num_samples(self) -> int:
-        per_micro = self.sample_kind == "micro"
-        return self.world_size * (self.controller.accumulation_steps if per_micro else 1)
-
-    def _add_sample(self, tracked: Any, grad: torch.Tensor) -> None:
-        if self._accumulator is None:
-            acc = self.controller.accumulation_steps
-            per_micro = self.sample_kind == "micro"
-            measurement = Measurement(
-                self.plan,
-                num_samples=self._num_samples(),
-                sample_size=self.micro_batch_size * (1 if per_micro else acc),
-                bias_correction=self.config.bias_correction,
-                sqrt_trace_method=self.config.sqrt_trace_method,
-                sqrt_trace_tol=self.config.sqrt_trace_tol,
-                group=None,
-            )
-            self._accumulator = SampleAccumulator(measurement)
-        self._accumulator.add(tracked, grad)
+        self.arm()
 
     # -- the engine's loop ----------------------------------------------------------------------
     def _wrap_engine(self) -> None:
@@ -151,15 +125,15 @@ class DeepSpeedGNSPlugin(ControllerReadout):
 
         def wrapped_step(*args: Any, **kwargs: Any) -> Any:
             boundary = self.micro_step == self.controller.accumulation_steps - 1
-            estimate = None
-            if boundary and self._accumulator is not None:
-                # before the optimizer step: the statistics are of the raw, unclipped gradient
-                estimate = self._accumulator.finish(layer_breakdown=self.config.layer_breakdown)
-                self._accumulator = None
+            if boundary:  # before the optimizer step: statistics of the raw, unclipped gradient
+                self.capture.flush()
             result = step(*args, **kwargs)
             self.micro_step += 1
             if boundary:
-                self._close_step(estimate)
+                self.micro_step = 0
+                self.close_step()
+                if self.controller.accumulation_steps != engine.gradient_accumulation_steps():
+                    engine.set_train_batch_size(self.controller.batch_size)
             return result
 
         def wrapped_save(save_dir: str, tag: Any = None, client_state: Any = None, *a: Any,
@@ -184,39 +158,10 @@ class DeepSpeedGNSPlugin(ControllerReadout):
         engine.backward, engine.step = wrapped_backward, wrapped_step
         engine.save_checkpoint, engine.load_checkpoint = wrapped_save, wrapped_load
 
-    def _close_step(self, estimate: GNSEstimate | None) -> None:
-        if estimate is not None:
-            self.last_estimate = estimate
-        decision = self.controller.update(estimate)
-        self.micro_step = 0
-        if decision.accumulation_steps != self.engine.gradient_accumulation_steps():
-            self.engine.set_train_batch_size(decision.batch_size)
-        self.lr_multiplier.value = decision.lr_multiplier
-        self.last_decision = decision
-        if self.config.check_consistency:
-            mine = torch.tensor([decision.batch_size, self.controller.samples], dtype=torch.float64)
-            everyone = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(everyone, mine)
-            if any(not torch.equal(mine, other) for other in everyone):
-                raise RuntimeError(f"ranks disagree on [batch, samples]: {everyone}")
-        self._log(estimate, decision)
-
-    def _log(self, estimate: GNSEstimate | None, decision: BatchDecision) -> None:
+    def _write_events(self, events: list[Event]) -> None:
         monitor = getattr(self.engine, "monitor", None)
         if dist.get_rank() != 0 or monitor is None or not getattr(monitor, "enabled", False):
             return
-        x = self.controller.samples
-        events = [
-            ("Train/nongns/global_batch", decision.batch_size, x),
-            ("Train/nongns/accumulation_steps", decision.accumulation_steps, x),
-            ("Train/nongns/lr_multiplier", decision.lr_multiplier, x),
-        ]
-        if estimate is not None and estimate.is_finite:
-            events += [
-                ("Train/nongns/gns", estimate.gns, x),
-                ("Train/nongns/noise", estimate.noise, x),
-                ("Train/nongns/signal", estimate.signal, x),
-            ]
         monitor.write_events(events)
 
     # -- checkpointing ----------------------------------------------------------------------------
@@ -228,12 +173,15 @@ class DeepSpeedGNSPlugin(ControllerReadout):
         self.micro_step = int(state["micro_step"])
         if self.engine.gradient_accumulation_steps() != self.controller.accumulation_steps:
             self.engine.set_train_batch_size(self.controller.batch_size)
-        self.lr_multiplier.value = self.controller.lr_multiplier
+        if self.lr_multiplier is not None:
+            self.lr_multiplier.value = self.controller.lr_multiplier
+        self.arm()
 
     def set_accumulation_steps(self, accumulation_steps: int) -> None:
-        """Override the count for the next optimizer step (at a boundary only). For tests and
-        for resuming a run by hand; the controller keeps deciding afterwards."""
+        """Override the count for the next optimizer step (at a boundary only); its lr
+        multiplier follows. For tests and for resuming a run by hand; the controller keeps
+        deciding afterwards."""
         if self.micro_step != 0:
             raise RuntimeError("the accumulation count can change only at a step boundary")
-        self.controller.batch_size = accumulation_steps * self.controller.unit
+        self.set_batch_size(accumulation_steps * self.controller.unit)
         self.engine.set_train_batch_size(self.controller.batch_size)

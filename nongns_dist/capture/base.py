@@ -1,0 +1,47 @@
+"""The interface every capture backend implements (one file per backend, nothing else).
+
+A backend turns one engine's gradient reduction into statistics for a ``MeasurementSession``:
+it names the parameters as the plan sees them, says what one sample is, installs its hook,
+and gives the driver a way to accumulate micro-steps without reducing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from nongns_dist.capture.session import MeasurementSession, SampleKind
+
+__all__ = ["GradientCapture"]
+
+
+class GradientCapture(Protocol):
+    #: What one sample is: a rank's accumulated gradient, or one micro-step's.
+    sample_kind: SampleKind
+    #: The data-parallel group whose ranks are the samples (statistics are reduced over it).
+    group: dist.ProcessGroup | None
+    #: Where the gradients, and so every capture buffer, live.
+    device: torch.device
+
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """Trainable parameters by name after wrapping, as the optimizer holds them."""
+        ...
+
+    def full_shapes(self) -> dict[int, torch.Size]:
+        """Full (unsharded) shape by ``id`` where a parameter object is a shard or flat view."""
+        ...
+
+    def install(self, session: MeasurementSession) -> None:
+        """Start feeding ``session`` whenever it is armed (default reduction otherwise)."""
+        ...
+
+    def no_sync(self) -> contextlib.AbstractContextManager[object]:
+        """Accumulate this micro-step's gradient locally, without reducing it."""
+        ...
+
+    def remove(self) -> None:
+        """Undo ``install`` where the engine allows it."""
+        ...

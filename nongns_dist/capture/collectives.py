@@ -1,0 +1,119 @@
+"""The extra collectives of a measuring step (DESIGN.md section 3), shared by every backend.
+
+* ``reduce_scatter_rows``: squares (and, below float32, sums) of local gradients, reduce-scattered
+  in the same chunks as the gradient itself, so rank r receives sum_r g_r^2 on its 1/R only.
+* ``reduce_to_owners``: one flat float64 tensor per matrix summed onto the matrix's owner only
+  (Gram upper triangles, matrix sums), never all-reduced to everyone.
+* ``all_gather_rows``: the mean of a sharded matrix, on measuring steps only (FSDP).
+
+Every buffer is allocated on the device of the tensors it carries; every call takes the
+data-parallel group explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nongns_dist.capture.plan import TrackedParam
+
+__all__ = [
+    "gram_triangle",
+    "reduce_scatter",
+    "reduce_scatter_rows",
+    "reduce_to_owners",
+    "triangle_to_gram",
+]
+
+
+def reduce_scatter(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    async_op: bool = False,
+) -> Any:
+    """Reduce-scatter of one flat tensor; torch 2.13 renamed reduce_scatter_tensor (deprecated
+    there) to reduce_scatter_single. Looked up per call, so wrappers of torch.distributed see it."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+def reduce_scatter_rows(
+    rows: Sequence[torch.Tensor], world_size: int, group: dist.ProcessGroup | None
+) -> tuple[Any, torch.Tensor, torch.Tensor, int]:
+    """Reduce-scatter several flat float32 tensors of one length together, asynchronously.
+
+    Rank r receives, for every row, the sum over ranks of chunk r. Returns (work, received of
+    shape (rows, chunk), the packed input to keep alive until the work completes, chunk).
+    """
+    numel = rows[0].numel()
+    device = rows[0].device
+    chunk = -(-numel // world_size)
+    packed = torch.zeros(world_size, len(rows), chunk, dtype=torch.float32, device=device)
+    for i, row in enumerate(rows):
+        padded = torch.zeros(world_size * chunk, dtype=torch.float32, device=device)
+        padded[:numel] = row
+        packed[:, i] = padded.view(world_size, chunk)
+    received = torch.empty(len(rows) * chunk, dtype=torch.float32, device=device)
+    work = reduce_scatter(received, packed.view(-1), group=group, async_op=True)
+    return work, received.view(len(rows), chunk), packed, chunk
+
+
+def gram_triangle(matrix: torch.Tensor) -> torch.Tensor:
+    """Upper triangle of ``matrix @ matrix.T`` as a flat tensor (the Gram is symmetric)."""
+    gram = matrix @ matrix.T
+    rows, cols = torch.triu_indices(*gram.shape, device=gram.device)
+    return gram[rows, cols]
+
+
+def triangle_to_gram(upper: torch.Tensor, size: int) -> torch.Tensor:
+    rows, cols = torch.triu_indices(size, size, device=upper.device)
+    gram = torch.zeros(size, size, dtype=upper.dtype, device=upper.device)
+    gram[rows, cols] = upper
+    gram[cols, rows] = upper
+    return gram
+
+
+def reduce_to_owners(
+    params: Sequence[TrackedParam],
+    sizes: Sequence[int],
+    payload: Iterable[torch.Tensor],
+    *,
+    world_size: int,
+    rank: int,
+    group: dist.ProcessGroup | None,
+    device: torch.device,
+) -> dict[int, torch.Tensor]:
+    """Sum a flat float64 tensor of each matrix ``params[i]`` (``sizes[i]`` elements, the same
+    on every rank) over the ranks onto the matrix's owner only. Every rank calls it with the
+    same ``params``.
+
+    One reduce-scatter over a buffer laid out owner by owner (each owner's chunk padded to the
+    longest). ``payload`` is consumed one tensor at a time and copied into that buffer, so a
+    generator keeps one temporary alive, not all. Returns this rank's sums by parameter index.
+    """
+    if not params:
+        return {}
+    offsets: list[tuple[int, int]] = []  # (owner, offset in the owner's chunk)
+    lengths = [0] * world_size
+    for t, size in zip(params, sizes, strict=True):
+        assert t.owner is not None
+        offsets.append((t.owner, lengths[t.owner]))
+        lengths[t.owner] += size
+    width = max(lengths)
+    send = torch.zeros(world_size, width, dtype=torch.float64, device=device)
+    for (owner, offset), size, part in zip(offsets, sizes, payload, strict=True):
+        send[owner, offset : offset + size] = part.reshape(-1)
+    if world_size > 1:
+        received = torch.empty(width, dtype=torch.float64, device=device)
+        reduce_scatter(received, send.view(-1), group=group)
+    else:
+        received = send[0]
+    return {
+        t.index: received[offset : offset + size]
+        for t, (owner, offset), size in zip(params, offsets, sizes, strict=True)
+        if owner == rank
+    }

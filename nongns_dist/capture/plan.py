@@ -1,0 +1,143 @@
+"""Which parameter is measured in which norm, and which rank owns each matrix.
+
+A plan is built once per ``attach`` from the model's parameters AFTER wrapping, keyed by cleaned
+fully-qualified names: DDP, FSDP and ``torch.compile`` insert prefixes and FSDP replaces the
+parameter objects, so names are the one key every backend can map its own tensors to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nongns_dist.estimators import combined_norm
+from nongns_dist.optim.geometry import group_norms
+
+__all__ = [
+    "MeasurementPlan",
+    "PlanEntry",
+    "TrackedParam",
+    "clean_fqn",
+    "group_kinds",
+    "plan_entries",
+]
+
+#: Prefixes wrappers put into ``named_parameters`` names (DDP, FSDP1, activation checkpointing,
+#: ``torch.compile``), removed wherever they occur.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+#: (cleaned name, shape of the full unsharded parameter, norm or None for "not measured")
+PlanEntry = tuple[str, torch.Size, str | None]
+
+
+def clean_fqn(name: str) -> str:
+    """``module._fsdp_wrapped_module.layers.0._orig_mod.weight`` -> ``layers.0.weight``."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+@dataclass(frozen=True)
+class TrackedParam:
+    """A parameter that enters the estimate."""
+
+    index: int  # row in the partial-sum table
+    name: str  # cleaned fully-qualified name
+    norm: str  # l1, l2 or nuclear
+    shape: torch.Size  # of the full (unsharded) parameter
+    owner: int | None = None  # nuclear only: the rank that reduces and finishes its Gram
+
+    @property
+    def gram_size(self) -> int:
+        """Rows of the matrix view of ``norms.as_matrix``: min(out, in * kernel)."""
+        return min(self.shape[0], self.shape.numel() // self.shape[0])
+
+    @property
+    def triangle_size(self) -> int:
+        m = self.gram_size
+        return m * (m + 1) // 2
+
+
+class MeasurementPlan:
+    """The measured parameters, their norms, and matrix owners; the same on every rank.
+
+    Owners balance the eigen/Newton-Schulz work (m^3) across the ``world_size`` ranks of the
+    data-parallel group, greedily from the largest, ties broken by parameter order.
+    """
+
+    def __init__(self, entries: Sequence[PlanEntry], world_size: int, rank: int) -> None:
+        self.world_size = world_size
+        self.rank = rank
+        measured = [(name, torch.Size(shape), k) for name, shape, k in entries if k is not None]
+        if not measured:
+            raise ValueError("no trainable parameter is left in the estimate")
+        self.norm = combined_norm([k for _, _, k in measured])  # raises on l2 + dual mixes
+        load = [0.0] * world_size
+        owners: dict[int, int] = {}
+        work = [
+            TrackedParam(0, n, k, s).gram_size ** 3 if k == "nuclear" else 0 for n, s, k in measured
+        ]
+        for i in sorted((i for i, w in enumerate(work) if w), key=lambda i: (-work[i], i)):
+            owner = min(range(world_size), key=lambda r: (load[r], r))
+            owners[i] = owner
+            load[owner] += work[i]
+        self.params = [
+            TrackedParam(i, name, kind, shape, owners.get(i))
+            for i, (name, shape, kind) in enumerate(measured)
+        ]
+        self.by_name = {t.name: t for t in self.params}
+        self.matrices = [t for t in self.params if t.norm == "nuclear"]
+
+    def get(self, name: str) -> TrackedParam | None:
+        """The tracked parameter of a (raw or cleaned) name, or None if it is not measured."""
+        return self.by_name.get(clean_fqn(name))
+
+    def owned(self) -> list[TrackedParam]:
+        return [t for t in self.matrices if t.owner == self.rank]
+
+
+def group_kinds(optimizer: torch.optim.Optimizer, norm: str) -> dict[int, str | None]:
+    """Norm per parameter ``id`` of the optimizer's groups, before any shape filter
+    (``auto``: the group's geometry; explicit: that norm for every parameter)."""
+    if norm != "auto":
+        return {id(p): norm for g in optimizer.param_groups for p in g["params"]}
+    return {
+        id(p): kind
+        for group, kind in zip(optimizer.param_groups, group_norms(optimizer), strict=True)
+        for p in group["params"]
+    }
+
+
+def plan_entries(
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    norm: str,
+    kinds: Mapping[int, str | None] | None = None,
+    *,
+    shape_of: Mapping[int, torch.Size] | None = None,
+) -> list[PlanEntry]:
+    """Entries for the trainable parameters.
+
+    ``norm``: the config's (``l1``, ``l2``, ``nuclear``, ``auto``). ``kinds`` (by ``id``,
+    from ``group_kinds``) is required for ``auto``. ``shape_of`` (by ``id``) gives the full
+    shape where a parameter object is a shard, a flat view or a placeholder (ZeRO-3, FSDP).
+    Nuclear covers parameters whose full shape has >= 2 dims; the rest are left out.
+    """
+    named = [(n, p) for n, p in named_parameters if p.requires_grad]
+    if norm == "auto" and kinds is None:
+        raise ValueError("norm='auto' needs the optimizer; pass optimizer= or pick a norm")
+    if norm not in ("l1", "l2", "nuclear", "auto"):
+        raise ValueError(f"norm must be 'l1', 'l2', 'nuclear' or 'auto', got {norm!r}")
+    entries: list[PlanEntry] = []
+    for name, p in named:
+        shape = torch.Size((shape_of or {}).get(id(p), p.shape))
+        kind = kinds.get(id(p)) if norm == "auto" and kinds is not None else norm
+        if kind == "nuclear" and len(shape) < 2:  # the spectral estimate is for matrices
+            kind = None
+        entries.append((clean_fqn(name), shape, kind))
+    if norm == "nuclear" and not any(k == "nuclear" for _, _, k in entries):
+        raise ValueError("norm='nuclear' needs at least one trainable parameter with >= 2 dims")
+    if not any(k is not None for _, _, k in entries):
+        raise ValueError(f"norm={norm!r} leaves no trainable parameter to measure")
+    return entries

@@ -1,0 +1,388 @@
+"""``MeasurementSession``: what one measuring step is, owned once for every backend.
+
+The driver arms the session at a step boundary, the capture backend streams statistics into it
+as reductions happen, the driver finishes it at the next boundary (the one all-reduce):
+
+    driver:   session.arm(accumulation_steps)        # a measuring step begins
+    capture:  session.add_coordinates(param, mean, sq_sum)        # l1 / l2 slices
+              session.add_matrices(params, local, mean)           # nuclear, per bucket / unit
+    driver:   estimate = session.finish()             # one all-reduce of the partial sums
+
+Sample rule (DESIGN.md section 2), decided here and nowhere else:
+
+    sample_kind  samples n               examples per sample b
+    "rank"       ranks                   micro-batch x accumulation steps
+    "micro"      ranks x accumulation    micro-batch
+
+Matrices are finished as they arrive: each rank forms the float64 Gram of its deviation from
+the mean, the upper triangles go to the matrix's owner only (``reduce_to_owners``), the owner
+takes both square-root traces and keeps two scalars. Extra memory is bounded by
+``triangle_budget`` float64 elements per reduction plus one matrix's temporaries, whatever the
+number of layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from nongns_dist.capture.collectives import (
+    gram_triangle,
+    reduce_scatter_rows,
+    reduce_to_owners,
+    triangle_to_gram,
+)
+from nongns_dist.capture.plan import MeasurementPlan, TrackedParam
+from nongns_dist.config import GNSConfig
+from nongns_dist.estimators import (
+    GNSEstimate,
+    LayerEstimate,
+    coordinate_partial_sums,
+    finish,
+    gram_partial_sums,
+)
+from nongns_dist.norms import as_matrix
+
+__all__ = ["MeasurementSession", "SampleAccumulator", "SampleKind", "group_rank_and_size"]
+
+logger = logging.getLogger("nongns_dist")
+
+SampleKind = Literal["rank", "micro"]
+
+
+def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, size) in ``group``; (0, 1) without torch.distributed."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class MeasurementSession:
+    """The n/b rule, the partial-sum table, the owner reductions and the final all-reduce of one
+    data-parallel group. Built once per ``attach``; armed for each measuring step."""
+
+    def __init__(
+        self,
+        plan: MeasurementPlan,
+        config: GNSConfig,
+        *,
+        group: dist.ProcessGroup | None,
+        micro_batch_size: int,
+        sample_kind: SampleKind,
+        device: torch.device | str = "cpu",
+        triangle_budget: int = 1 << 20,
+    ) -> None:
+        # -- wiring ----------------------------------------------------------------------------
+        self.plan = plan
+        self.config = config
+        self.group = group
+        self.rank, self.world_size = group_rank_and_size(group)
+        if (plan.rank, plan.world_size) != (self.rank, self.world_size):
+            raise ValueError(
+                f"the plan is for rank {plan.rank} of {plan.world_size}, the group has rank "
+                f"{self.rank} of {self.world_size}"
+            )
+        self.micro_batch_size = micro_batch_size
+        self.sample_kind: SampleKind = sample_kind
+        self.device = torch.device(device)
+        #: float64 elements of Gram triangles per owner reduction (memory bound, 8 MB).
+        self.triangle_budget = triangle_budget
+        # -- the measuring step in flight --------------------------------------------------------
+        self.num_samples = 0
+        self.sample_size = 0
+        #: Counts arm() calls: a backend tells one measuring step from the next by it.
+        self.step_token = 0
+        self._partial: torch.Tensor | None = None
+
+    # -- the sample rule -------------------------------------------------------------------------
+    def sample_counts(self, accumulation_steps: int) -> tuple[int, int]:
+        """(n, b) of a measuring step with this many micro-steps."""
+        if self.sample_kind == "micro":
+            return self.world_size * accumulation_steps, self.micro_batch_size
+        return self.world_size, self.micro_batch_size * accumulation_steps
+
+    def can_measure(self, accumulation_steps: int) -> bool:
+        return self.sample_counts(accumulation_steps)[0] >= 2
+
+    # -- driver side -----------------------------------------------------------------------------
+    @property
+    def armed(self) -> bool:
+        return self._partial is not None
+
+    def arm(self, accumulation_steps: int) -> bool:
+        """Begin a measuring step of ``accumulation_steps`` micro-steps; False (not armed) when
+        it would have fewer than the 2 samples a variance needs."""
+        self.num_samples, self.sample_size = self.sample_counts(accumulation_steps)
+        self.step_token += 1
+        if self.num_samples < 2:
+            self._partial = None
+            return False
+        self._partial = torch.zeros(
+            len(self.plan.params), 2, dtype=torch.float64, device=self.device
+        )
+        return True
+
+    def disarm(self) -> None:
+        self._partial = None
+
+    def finish(self) -> GNSEstimate:
+        """The one all-reduce of per-parameter partial sums; ends the measuring step."""
+        partial = self._table()
+        self._partial = None
+        if self.world_size > 1:
+            dist.all_reduce(partial, group=self.group)
+        rows = partial.cpu()
+        totals = rows.sum(0)
+        noise, signal = finish(float(totals[0]), float(totals[1]), self.plan.norm)
+        layers = None
+        if self.config.layer_breakdown:
+            layers = {
+                t.name: LayerEstimate(t.norm, *finish(float(row[0]), float(row[1]), t.norm))
+                for t, row in zip(self.plan.params, rows, strict=True)
+            }
+        estimate = GNSEstimate(
+            norm=self.plan.norm,
+            noise=noise,
+            signal=signal,
+            num_samples=self.num_samples,
+            sample_size=self.sample_size,
+            layers=layers,
+        )
+        if not estimate.is_finite:
+            logger.warning("non-finite gradient statistics: measurement skipped, batch unchanged")
+        return estimate
+
+    def _table(self) -> torch.Tensor:
+        if self._partial is None:
+            raise RuntimeError("no measuring step is armed (MeasurementSession.arm)")
+        return self._partial
+
+    # -- capture side: coordinates (l1, l2) --------------------------------------------------------
+    def add_coordinates(
+        self, param: TrackedParam, mean: torch.Tensor, sq_sum: torch.Tensor
+    ) -> None:
+        """This rank's slice of ``param``: the mean gradient g and Q = sum_s g_s^2. Zero padding
+        adds nothing (its variance and |g| are 0), so padded shards may be passed as they are."""
+        if mean.numel() == 0:
+            return
+        noise, signal = coordinate_partial_sums(
+            mean.float(),
+            sq_sum.float(),
+            self.num_samples,
+            self.sample_size,
+            param.norm,  # type: ignore[arg-type]
+            bias_correction=self.config.bias_correction,
+        )
+        table = self._table()
+        table[param.index, 0] += noise.to(table.device)
+        table[param.index, 1] += signal.to(table.device)
+
+    def add_coordinate_chunk(
+        self,
+        spans: Sequence[tuple[TrackedParam, int, int]],
+        lo: int,
+        mean: torch.Tensor,
+        squares: torch.Tensor,
+    ) -> None:
+        """This rank's chunk ``[lo, lo + len(mean))`` of a flat buffer holding the parameters of
+        ``spans`` (param, start, end); ``mean`` and ``squares`` are the chunk's g and Q."""
+        hi = lo + mean.numel()
+        for tracked, start, end in spans:
+            a, b = max(start, lo), min(end, hi)
+            if a < b:
+                self.add_coordinates(tracked, mean[a - lo : b - lo], squares[a - lo : b - lo])
+
+    def reduce_squares(
+        self, local: torch.Tensor, *, with_sum: bool = False
+    ) -> tuple[object, torch.Tensor, torch.Tensor, int]:
+        """Start the reduce-scatter of the squares of a flat local gradient (and of the gradient
+        itself when ``with_sum``: below float32 the reduced mean is too coarse for Q - n g^2).
+        Returns (work, received rows, packed input to keep alive, chunk)."""
+        local = local.float()
+        rows = [local.square(), local] if with_sum else [local.square()]
+        return reduce_scatter_rows(rows, self.world_size, self.group)
+
+    # -- capture side: matrices (nuclear) ---------------------------------------------------------
+    def add_matrices(
+        self,
+        params: Sequence[TrackedParam],
+        local: Sequence[torch.Tensor],
+        mean: Sequence[torch.Tensor],
+    ) -> None:
+        """Finish matrices from this rank's sample ``local[i]`` of ``params[i]`` and the mean
+        ``mean[i]`` (full matrices, on every rank). A collective: every rank passes the same
+        ``params`` in the same order.
+
+        sum_r (G_r - G)(G_r - G)^T is formed in float64 from deviations, so it is PSD with no
+        cancellation; with a rounded mean G' it gains only n (G - G')(G - G')^T, second order.
+        (float32 Grams turn the zero eigenvalues of a rank-deficient C into +-1e-7 lambda_max,
+        whose square roots add ~3e-4 relative each.)
+        """
+        batch: list[int] = []
+        size = 0
+        for i, t in enumerate(params):
+            if batch and size + t.triangle_size > self.triangle_budget:
+                self._finish_matrices([params[j] for j in batch], local, mean, batch)
+                batch, size = [], 0
+            batch.append(i)
+            size += t.triangle_size
+        if batch:
+            self._finish_matrices([params[j] for j in batch], local, mean, batch)
+
+    def _finish_matrices(
+        self,
+        params: list[TrackedParam],
+        local: Sequence[torch.Tensor],
+        mean: Sequence[torch.Tensor],
+        positions: list[int],
+    ) -> None:
+        def triangles() -> Iterator[torch.Tensor]:
+            for j, t in zip(positions, params, strict=True):
+                g = local[j].reshape(t.shape).to(torch.float64)
+                yield gram_triangle(as_matrix(g - mean[j].reshape(t.shape).to(torch.float64)))
+
+        owned = reduce_to_owners(
+            params,
+            [t.triangle_size for t in params],
+            triangles(),
+            world_size=self.world_size,
+            rank=self.rank,
+            group=self.group,
+            device=local[positions[0]].device,
+        )
+        for j, t in zip(positions, params, strict=True):
+            if t.index in owned:
+                gram = triangle_to_gram(owned.pop(t.index), t.gram_size)
+                self.add_owned_matrix(t, gram, mean[j], centred=True)
+
+    def add_owned_matrix(
+        self,
+        param: TrackedParam,
+        gram_sum: torch.Tensor,
+        mean_grad: torch.Tensor,
+        *,
+        centred: bool,
+    ) -> None:
+        """Owner: finish ``param`` from the summed Gram (of deviations when ``centred``, else of
+        the samples) and the mean gradient: two scalars into the table."""
+        mean = as_matrix(mean_grad.detach().reshape(param.shape)).to(torch.float64)
+        noise, signal = gram_partial_sums(
+            gram_sum.to(torch.float64),
+            mean @ mean.T,
+            self.num_samples,
+            self.sample_size,
+            method=self.config.sqrt_trace_method,
+            tol=self.config.sqrt_trace_tol,
+            centered=centred,
+        )
+        table = self._table()
+        table[param.index, 0] += noise.to(table.device)
+        table[param.index, 1] += signal.to(table.device)
+
+
+class SampleAccumulator:
+    """This rank's samples of one measuring step, summed per parameter, reduced at the end.
+
+    For backends whose reduction does not leave the mean where the statistics need it, or whose
+    samples arrive over several micro-steps (ZeRO partitions the averaged gradient; ZeRO-2/3
+    reduce every micro-step): each sample (a local mean gradient over the session's
+    ``sample_size`` examples) is added as it appears; ``flush`` then runs
+
+    * one reduce-scatter of [S | Q] over all l1/l2 coordinates (S = sum_s g_s, Q = sum_s g_s^2);
+    * one owner reduction of the float64 Grams (upper triangles) and one of the float64 sums of
+      each matrix; the owner finishes it (uncentred: the mean is known only at the end).
+
+    Costs on measuring steps only: S and Q (float32) of the measured vectors, S (float64) and the
+    Gram of the measured matrices, kept until ``flush``.
+    """
+
+    def __init__(self, session: MeasurementSession) -> None:
+        self.session = session
+        self._coord_sums: dict[int, torch.Tensor] = {}
+        self._coord_squares: dict[int, torch.Tensor] = {}
+        self._matrix_sums: dict[int, torch.Tensor] = {}
+        self._grams: dict[int, torch.Tensor] = {}
+
+    def add(self, param: TrackedParam, grad: torch.Tensor) -> None:
+        """One sample of ``param``: its local gradient as a mean over ``sample_size`` examples."""
+        i = param.index
+        if param.norm == "nuclear":
+            grad64 = grad.detach().reshape(param.shape).to(torch.float64)
+            mat = as_matrix(grad64)
+            self._add(self._grams, i, mat @ mat.T)
+            self._add(self._matrix_sums, i, grad64.reshape(-1))
+        else:
+            flat = grad.detach().reshape(-1).float()
+            self._add(self._coord_sums, i, flat)
+            self._add(self._coord_squares, i, flat.square())
+
+    @staticmethod
+    def _add(store: dict[int, torch.Tensor], index: int, value: torch.Tensor) -> None:
+        if index in store:
+            store[index] += value
+        else:
+            store[index] = value.clone()
+
+    def flush(self, device: torch.device) -> None:
+        """Reduce everything added into the session (a collective: every rank calls it)."""
+        s = self.session
+        plan = s.plan
+        n = s.num_samples
+        # -- coordinates: one flat buffer in plan order, reduce-scattered as [S | Q] rows
+        spans, start = [], 0
+        for t in plan.params:
+            if t.norm != "nuclear":
+                spans.append((t, start, start + t.shape.numel()))
+                start += t.shape.numel()
+        if spans:
+            sums = torch.zeros(start, dtype=torch.float32, device=device)
+            squares = torch.zeros(start, dtype=torch.float32, device=device)
+            for t, a, b in spans:  # a parameter without gradient here is a zero sample
+                if t.index in self._coord_sums:
+                    sums[a:b] = self._coord_sums[t.index]
+                    squares[a:b] = self._coord_squares[t.index]
+            work, received, _packed, chunk = reduce_scatter_rows(
+                [sums, squares], s.world_size, s.group
+            )
+            work.wait()
+            s.add_coordinate_chunk(spans, s.rank * chunk, received[0] / n, received[1])
+        # -- matrices: Grams and sums to their owners
+        matrices = plan.matrices
+        if matrices:
+
+            def zeros(size: int) -> torch.Tensor:
+                return torch.zeros(size, dtype=torch.float64, device=device)
+
+            def triangles() -> Iterator[torch.Tensor]:
+                for t in matrices:
+                    gram = self._grams.get(t.index)
+                    if gram is None:  # no gradient on this rank (unused parameter): zeros
+                        yield zeros(t.triangle_size)
+                    else:
+                        rows, cols = torch.triu_indices(*gram.shape, device=gram.device)
+                        yield gram[rows, cols]
+
+            common = {"world_size": s.world_size, "rank": s.rank, "group": s.group}
+            owned_grams = reduce_to_owners(
+                matrices, [t.triangle_size for t in matrices], triangles(), device=device,
+                **common,  # type: ignore[arg-type]
+            )  # fmt: skip
+            owned_sums = reduce_to_owners(
+                matrices,
+                [t.shape.numel() for t in matrices],
+                (self._matrix_sums.get(t.index, zeros(t.shape.numel())) for t in matrices),
+                device=device,
+                **common,  # type: ignore[arg-type]
+            )
+            for t in matrices:
+                if t.index in owned_grams:
+                    gram = triangle_to_gram(owned_grams[t.index], t.gram_size)
+                    s.add_owned_matrix(t, gram, owned_sums[t.index] / n, centred=False)
+        self._coord_sums.clear()
+        self._coord_squares.clear()
+        self._matrix_sums.clear()
+        self._grams.clear()

@@ -1,0 +1,150 @@
+"""The step boundary every engine shares: controller + measurement session + lr multiplier.
+
+An engine calls ``close_step()`` after each optimizer step (the samples of that step are
+counted, a finished measurement is fed to the controller, the decision applied) and reads
+``accumulation_steps`` for the next one. Measuring steps are armed here, at the boundary, so
+a capture backend only asks ``session.armed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nongns_dist.capture.session import MeasurementSession
+from nongns_dist.config import GNSConfig
+from nongns_dist.controller import BatchDecision, BatchSizeController, ControllerReadout
+from nongns_dist.estimators import GNSEstimate
+from nongns_dist.optim.lr import LRMultiplier
+
+__all__ = ["StepCore"]
+
+logger = logging.getLogger("nongns_dist")
+
+#: (tag, value, samples seen): what a metrics sink receives at each step boundary.
+Event = tuple[str, float, int]
+
+
+class StepCore(ControllerReadout):
+    """One copy of the step-closing logic for every engine (DDP, FSDP, DeepSpeed)."""
+
+    def __init__(
+        self,
+        config: GNSConfig,
+        controller: BatchSizeController,
+        session: MeasurementSession | None,
+        lr_multiplier: LRMultiplier | None,
+        *,
+        on_events: Callable[[list[Event]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.controller = controller
+        self.session = session  # None: nothing can be measured (the batch stays constant)
+        self.lr_multiplier = lr_multiplier
+        self.on_events = on_events
+        self.last_estimate: GNSEstimate | None = None
+        self.last_decision: BatchDecision | None = None
+        #: Engines set this False for a step whose gradients are not per-sample (DDP's first
+        #: static_graph step); checked when the step is armed.
+        self.measuring_allowed: Callable[[], bool] = lambda: True
+        if lr_multiplier is not None:
+            lr_multiplier.value = controller.lr_multiplier
+
+    # -- arming -----------------------------------------------------------------------------
+    def arm(self) -> bool:
+        """Arm the session if the step about to run measures; returns whether it does."""
+        session = self.session
+        if session is None or not self.config.enabled:
+            return False
+        if self.controller.is_measurement_step and self.measuring_allowed():
+            return session.arm(self.controller.accumulation_steps)
+        session.disarm()
+        return False
+
+    @property
+    def measuring(self) -> bool:
+        return self.session is not None and self.session.armed
+
+    # -- the boundary --------------------------------------------------------------------------
+    def close_step(self) -> BatchDecision:
+        """Close the optimizer step just taken and arm the next one."""
+        estimate = self.session.finish() if self.measuring else None  # type: ignore[union-attr]
+        if estimate is not None:
+            self.last_estimate = estimate
+        decision = self.controller.update(estimate)
+        if self.lr_multiplier is not None:
+            self.lr_multiplier.value = decision.lr_multiplier
+        if self.config.check_consistency:
+            self._check_consistency(decision)
+        if decision.changed:
+            logger.info(
+                "step %d: global batch -> %d (accumulation %d, lr x%.3f)",
+                self.controller.step,
+                decision.batch_size,
+                decision.accumulation_steps,
+                decision.lr_multiplier,
+            )
+        self.last_decision = decision
+        self._emit(estimate, decision)
+        self.arm()
+        return decision
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Override the next step's batch (a multiple of micro x ranks); the lr multiplier and
+        the armed measurement follow it. The controller keeps deciding afterwards."""
+        unit = self.controller.unit
+        if batch_size < unit or batch_size % unit:
+            raise ValueError(f"batch size {batch_size} is not a positive multiple of {unit}")
+        self.controller.batch_size = batch_size
+        if self.lr_multiplier is not None:
+            self.lr_multiplier.value = self.controller.lr_multiplier
+        self.arm()
+
+    def _check_consistency(self, decision: BatchDecision) -> None:
+        session = self.session
+        group = session.group if session is not None else None
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return
+        device = session.device if session is not None else torch.device("cpu")
+        mine = torch.tensor(
+            [decision.batch_size, self.controller.step, self.controller.samples,
+             decision.lr_multiplier], dtype=torch.float64, device=device,
+        )  # fmt: skip
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(everyone, mine, group=group)
+        if any(not torch.equal(mine, other) for other in everyone):
+            raise RuntimeError(
+                "ranks disagree on the batch decision [batch, step, samples, multiplier]: "
+                f"{[t.tolist() for t in everyone]}"
+            )
+
+    def _emit(self, estimate: GNSEstimate | None, decision: BatchDecision) -> None:
+        if self.on_events is None:
+            return
+        x = self.controller.samples
+        events: list[Event] = [
+            ("Train/nongns/global_batch", decision.batch_size, x),
+            ("Train/nongns/accumulation_steps", decision.accumulation_steps, x),
+            ("Train/nongns/lr_multiplier", decision.lr_multiplier, x),
+        ]
+        if estimate is not None and estimate.is_finite:
+            events += [
+                ("Train/nongns/gns", estimate.gns, x),
+                ("Train/nongns/noise", estimate.noise, x),
+                ("Train/nongns/signal", estimate.signal, x),
+            ]
+        self.on_events(events)
+
+    # -- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"controller": self.controller.state_dict(), "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state["controller"])
+        if self.lr_multiplier is not None:
+            self.lr_multiplier.value = self.controller.lr_multiplier
+        self.arm()
