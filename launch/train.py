@@ -681,5 +681,19 @@ def main(argv: list[str] | None = None) -> None:
     train(parse_args(argv))
 
 
+def exit_cleanly() -> None:
+    """Leave a finished distributed run with exit code 0.
+
+    gloo's worker threads can still be alive during interpreter finalization, which then aborts
+    ("terminate called without an active exception", SIGABRT) in about 1 run in 10, upstream
+    and with or without this library. The run is over: the process group is destroyed and every
+    output file is closed, so flush the streams and leave without running finalizers.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    exit_cleanly()

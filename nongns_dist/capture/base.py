@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from nongns_dist.capture.plan import PlanEntry
 from nongns_dist.capture.session import MeasurementSession, SampleKind
 
 __all__ = ["GradientCapture"]
@@ -26,12 +27,9 @@ class GradientCapture(Protocol):
     #: Where the gradients, and so every capture buffer, live.
     device: torch.device
 
-    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
-        """Trainable parameters by name after wrapping, as the optimizer holds them."""
-        ...
-
-    def full_shapes(self) -> dict[int, torch.Size]:
-        """Full (unsharded) shape by ``id`` where a parameter object is a shard or flat view."""
+    def plan_entries(self, norm: str, optimizer: torch.optim.Optimizer | None) -> list[PlanEntry]:
+        """(cleaned name, full shape, norm or None) of every trainable parameter, with
+        ``plan.plan_entries`` (``norm="auto"`` reads the optimizer's groups)."""
         ...
 
     def install(self, session: MeasurementSession) -> None:

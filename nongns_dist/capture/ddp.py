@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from nongns_dist.capture.plan import TrackedParam
+from nongns_dist.capture.plan import PlanEntry, TrackedParam, group_kinds, plan_entries
 from nongns_dist.capture.session import MeasurementSession, SampleKind
 
 __all__ = ["DDPCapture", "gns_allreduce_hook"]
@@ -51,15 +51,13 @@ class DDPCapture:
         self._finished_token = -1  # session.step_token of the last finished backward
 
     # -- GradientCapture -----------------------------------------------------------------------
-    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p) for n, p in self.model.module.named_parameters() if p.requires_grad]
-
-    def full_shapes(self) -> dict[int, torch.Size]:
-        return {}
+    def plan_entries(self, norm: str, optimizer: torch.optim.Optimizer | None) -> list[PlanEntry]:
+        kinds = group_kinds(optimizer, norm) if optimizer is not None else None
+        return plan_entries(self.model.module.named_parameters(), norm, kinds)
 
     def install(self, session: MeasurementSession) -> None:
         self.session = session
-        for name, param in self.named_parameters():
+        for name, param in self.model.module.named_parameters():
             tracked = session.plan.get(name)
             if tracked is not None:
                 self.tracked[id(param)] = tracked

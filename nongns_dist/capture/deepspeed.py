@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
-from nongns_dist.capture.plan import TrackedParam
+from nongns_dist.capture.plan import PlanEntry, TrackedParam, plan_entries
 from nongns_dist.capture.session import MeasurementSession, SampleAccumulator, SampleKind
+from nongns_dist.optim.geometry import group_norms
 
-__all__ = ["DeepSpeedCapture", "check_supported"]
+__all__ = ["DeepSpeedCapture", "basic_optimizer", "check_supported"]
 
 
 def check_supported(engine: Any) -> None:
@@ -52,6 +53,21 @@ def check_supported(engine: Any) -> None:
         raise NotImplementedError(
             "nongns_dist cannot see the gradient reductions with: " + "; ".join(problems)
         )
+
+
+def basic_optimizer(engine: Any) -> torch.optim.Optimizer:
+    # ZeRO wraps the user's (or DeepSpeed's) optimizer; the wrapper shares its param_groups
+    inner = getattr(engine.optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else engine.optimizer
+
+
+def _module_groups(engine: Any) -> list[list[torch.Tensor]]:
+    """Module parameters per optimizer group (ZeRO keeps them beside its flat partitions)."""
+    for attr in ("bit16_groups", "fp16_groups"):
+        groups = getattr(engine.optimizer, attr, None)
+        if groups is not None:
+            return [list(g) for g in groups]
+    return [list(g["params"]) for g in basic_optimizer(engine).param_groups]
 
 
 def _loss_scale(engine: Any) -> float:
@@ -96,13 +112,25 @@ class DeepSpeedCapture:
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
 
-    def full_shapes(self) -> dict[int, torch.Size]:
-        # ZeRO-3 parameters are empty placeholders that carry their real shape in ds_shape
-        return {
-            id(p): torch.Size(p.ds_shape)
-            for _, p in self.named_parameters()
-            if hasattr(p, "ds_shape")
-        }
+    def plan_entries(
+        self, norm: str, optimizer: torch.optim.Optimizer | None = None
+    ) -> list[PlanEntry]:
+        """ZeRO's optimizer holds flat partitions: ``auto`` reads the module parameters of each
+        group from the ZeRO wrapper (``bit16_groups``); ZeRO-3 parameters are empty
+        placeholders that carry their real shape in ``ds_shape``."""
+        kinds = None
+        if norm == "auto":
+            kinds = {
+                id(p): kind
+                for params, kind in zip(
+                    _module_groups(self.engine), group_norms(basic_optimizer(self.engine)),
+                    strict=True,
+                )
+                for p in params
+            }  # fmt: skip
+        named = self.named_parameters()
+        shapes = {id(p): torch.Size(p.ds_shape) for _, p in named if hasattr(p, "ds_shape")}
+        return plan_entries(named, norm, kinds, shape_of=shapes)
 
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
         raise NotImplementedError(

@@ -20,47 +20,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nongns_dist.capture.deepspeed import DeepSpeedCapture
-from nongns_dist.capture.plan import MeasurementPlan, PlanEntry, plan_entries
+from nongns_dist.capture.deepspeed import DeepSpeedCapture, basic_optimizer
+from nongns_dist.capture.plan import MeasurementPlan
 from nongns_dist.capture.session import MeasurementSession
 from nongns_dist.config import GNSConfig
 from nongns_dist.controller import BatchSizeController
 from nongns_dist.engines.core import Event, StepCore
-from nongns_dist.optim.geometry import group_norms
 from nongns_dist.optim.lr import LRMultiplier
 
 __all__ = ["DeepSpeedGNSPlugin"]
 
 logger = logging.getLogger("nongns_dist")
-
-
-def _basic_optimizer(engine: Any) -> torch.optim.Optimizer:
-    # ZeRO wraps the user's (or DeepSpeed's) optimizer; the wrapper shares its param_groups
-    inner = getattr(engine.optimizer, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else engine.optimizer
-
-
-def _module_groups(engine: Any) -> list[list[torch.Tensor]]:
-    """Module parameters per optimizer group (ZeRO keeps them beside its flat partitions)."""
-    for attr in ("bit16_groups", "fp16_groups"):
-        groups = getattr(engine.optimizer, attr, None)
-        if groups is not None:
-            return [list(g) for g in groups]
-    return [list(g["params"]) for g in _basic_optimizer(engine).param_groups]
-
-
-def _plan_entries(capture: DeepSpeedCapture, norm: str) -> list[PlanEntry]:
-    kinds = None
-    if norm == "auto":
-        engine = capture.engine
-        kinds = {
-            id(p): kind
-            for params, kind in zip(
-                _module_groups(engine), group_norms(_basic_optimizer(engine)), strict=True
-            )
-            for p in params
-        }
-    return plan_entries(capture.named_parameters(), norm, kinds, shape_of=capture.full_shapes())
 
 
 class DeepSpeedGNSPlugin(StepCore):
@@ -82,7 +52,7 @@ class DeepSpeedGNSPlugin(StepCore):
             engine.set_train_batch_size(controller.batch_size)
         group = self.capture.group
         self.plan = MeasurementPlan(
-            _plan_entries(self.capture, config.norm), self.world_size, dist.get_rank(group)
+            self.capture.plan_entries(config.norm), self.world_size, dist.get_rank(group)
         )
         session = MeasurementSession(
             self.plan,
@@ -98,7 +68,7 @@ class DeepSpeedGNSPlugin(StepCore):
             config,
             controller,
             session,
-            LRMultiplier(_basic_optimizer(engine)),
+            LRMultiplier(basic_optimizer(engine)),
             on_events=self._write_events,
         )
         self.capture.install(session, lambda: self.controller.accumulation_steps)

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nongns_dist.capture.base import GradientCapture
 from nongns_dist.capture.ddp import DDPCapture
-from nongns_dist.capture.plan import MeasurementPlan, group_kinds, plan_entries
+from nongns_dist.capture.plan import MeasurementPlan
 from nongns_dist.capture.session import MeasurementSession, group_rank_and_size
 from nongns_dist.config import GNSConfig
 from nongns_dist.controller import BatchDecision, BatchSizeController
@@ -98,10 +98,7 @@ class GNSMonitor(StepCore):
             world_size=self.world_size,
             accumulation_steps=accumulation_steps,
         )
-        kinds = group_kinds(optimizer, config.norm) if optimizer is not None else None
-        entries = plan_entries(
-            capture.named_parameters(), config.norm, kinds, shape_of=capture.full_shapes()
-        )
+        entries = capture.plan_entries(config.norm, optimizer)
         self.plan = MeasurementPlan(entries, self.world_size, rank)
         session = MeasurementSession(
             self.plan,
