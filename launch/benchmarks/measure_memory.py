@@ -109,9 +109,8 @@ def main() -> None:
         world = dist.get_world_size()
         print(f"# torch {torch.__version__}, {world} gloo ranks (CPU), Linear({WIDTH}, {WIDTH})"
               f" x L, micro-batch {MICRO}, interval 2, rank 0")  # fmt: skip
-        print(
-            "| engine | norm | L | params MiB | plain-step peak MiB | extra peak MiB | extra / params |"
-        )
+        print("| engine | norm | L | params MiB | plain-step peak MiB | extra peak MiB | "
+              "extra / params |")  # fmt: skip
         print("|---|---|---|---|---|---|---|")
         for engine, norm, layers, param_mib, plain_mib, extra in rows:
             print(f"| {engine} | {norm} | {layers} | {param_mib:.0f} | {plain_mib:.0f} | "
