@@ -25,10 +25,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
 from nongns_dist.capture.base import GradientCapture
 from nongns_dist.capture.ddp import DDPCapture
+from nongns_dist.capture.fsdp2 import FSDP2Capture
 from nongns_dist.capture.plan import MeasurementPlan
 from nongns_dist.capture.session import MeasurementSession, group_rank_and_size
 from nongns_dist.config import GNSConfig
@@ -40,7 +42,9 @@ __all__ = ["GNSMonitor", "MicroStep", "attach"]
 
 logger = logging.getLogger("nongns_dist")
 
-_SUPPORTED = "torch.nn.parallel.DistributedDataParallel"
+_SUPPORTED = (
+    "DistributedDataParallel, a fully_shard-ed module (FSDP2) or a FullyShardedDataParallel root"
+)
 
 
 class MicroStep:
@@ -171,6 +175,12 @@ class GNSMonitor(StepCore):
 def _capture_for(model: nn.Module, process_group: dist.ProcessGroup | None) -> GradientCapture:
     if isinstance(model, DistributedDataParallel):
         return DDPCapture(model, process_group)
+    if isinstance(model, FSDPModule):
+        return FSDP2Capture(model, process_group)
+    if isinstance(model, FullyShardedDataParallel):
+        from nongns_dist.capture.fsdp1 import FSDP1Capture
+
+        return FSDP1Capture(model, process_group)
     raise TypeError(
         f"attach() supports {_SUPPORTED}; got {type(model).__name__} "
         "(for DeepSpeed use nongns_dist.deepspeed.initialize)"
@@ -188,8 +198,10 @@ def attach(
 ) -> GNSMonitor:
     """Measure the noise scale of ``model`` and adapt its batch; returns the ``GNSMonitor``.
 
-    ``model``: a ``DistributedDataParallel``. ``optimizer``: needed for ``norm="auto"``; when
-    given, its steps close the monitor's steps and receive the lr multiplier.
+    ``model``: a ``DistributedDataParallel``, a ``fully_shard``-ed root module (FSDP2, HSDP on a
+    2-D mesh) or a ``FullyShardedDataParallel`` root (FSDP1). ``optimizer``: needed for
+    ``norm="auto"``; when given, its steps close the monitor's steps and receive the lr
+    multiplier.
     ``micro_batch_size``: examples per rank per micro-step. ``accumulation_steps``: the initial
     count (else from ``config.initial_batch_size``, else 1). ``process_group``: the
     data-parallel group (default: the wrapper's).

@@ -1,0 +1,286 @@
+"""FSDP2 (``fully_shard``, HSDP) and FSDP1 capture against the reference estimator, on real gloo
+process groups: the estimate equals ``estimate_gns`` on the gathered per-rank local gradients,
+and training is bit-identical to the same wrapping without the library."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (
+    FullyShardedDataParallel,
+    MixedPrecisionPolicy,
+    ShardingStrategy,
+    fully_shard,
+)
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.tensor import DTensor, Shard
+
+from nongns_dist import GNSConfig, attach, estimate_gns
+
+from .distributed import spawn
+from .test_ddp import MICRO, Net, _batch, _check_equal, _loss
+
+pytestmark = pytest.mark.distributed
+
+
+def _wrap(module: nn.Module, options: dict) -> nn.Module:
+    """The model as the chosen engine wraps it (in place for FSDP2)."""
+    engine = options.get("engine", "fsdp2")
+    if engine == "fsdp1":
+        strategy = ShardingStrategy[options.get("strategy", "FULL_SHARD")]
+        return FullyShardedDataParallel(
+            module,
+            sharding_strategy=strategy,
+            use_orig_params=options.get("orig_params", True),
+            auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+            device_id=torch.device("cpu"),
+        )
+    kwargs: dict = {}
+    if "mesh" in options:
+        kwargs["mesh"] = init_device_mesh("cpu", options["mesh"], mesh_dim_names=("rep", "shard"))
+    if options.get("bf16"):
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    if options.get("shard1"):  # the matrix `up` sharded along its input dim
+        kwargs["shard_placement_fn"] = lambda p: Shard(1) if p.shape == (24, 16) else Shard(0)
+    for child in (module.conv, module.up, module.down):
+        fully_shard(child, **kwargs)
+    fully_shard(module, **kwargs)
+    if options.get("force_sum"):
+        module.set_force_sum_reduction_for_comms(True)
+    return module
+
+
+def _full_state(model: nn.Module, options: dict) -> dict[str, torch.Tensor]:
+    if options.get("engine") == "fsdp1":
+        with FullyShardedDataParallel.summon_full_params(model):
+            return {
+                n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                for n, p in model.named_parameters()
+            }
+    return {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def _optimizer(norm: str, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if norm == "auto":  # spectral geometry for matrices, sign for the rest: l1 + nuclear
+        matrices = [p for p in params if p.dim() >= 2]
+        vectors = [p for p in params if p.dim() < 2]
+        return torch.optim.SGD(
+            [{"params": matrices, "geometry": "spectral"}, {"params": vectors, "geometry": "sign"}],
+            lr=1e-3,
+        )
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+
+def _equality_worker(rank, world_size, norm, acc, options):
+    torch.manual_seed(0)
+    module = Net()
+    reference = copy.deepcopy(module)
+    model = _wrap(module, options)
+    opt = _optimizer(norm, model)
+    cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False, layer_breakdown=True,
+                    check_consistency=True)  # fmt: skip
+    monitor = attach(model, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
+    norms = {t.name: t.norm for t in monitor.plan.params}
+    results = []
+    dtype = torch.bfloat16 if options.get("bf16") else torch.float32
+    reference.to(dtype)  # bf16 params: the reference computes in bf16 as FSDP's unsharded ones
+    for step in range(2):
+        use_branch = not (options.get("unused") and step == 1)
+        reference.load_state_dict(_full_state(model, options))
+        reference.zero_grad()
+        for micro in range(acc):
+            x, y = _batch(rank, step, micro)
+            (_loss(reference, x.to(dtype), y, use_branch) / acc).backward()
+        local = {
+            n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().double()
+            for n, p in reference.named_parameters()
+            if n in norms
+        }
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, local)
+        for micro in monitor.micro_steps():
+            with micro:
+                (_loss(model, *_batch(rank, step, micro.index), use_branch)
+                 / micro.loss_divisor).backward()  # fmt: skip
+        opt.step()
+        opt.zero_grad()
+        expected = estimate_gns(gathered, MICRO * acc, norms, layer_breakdown=True)
+        results.append((monitor.last_estimate, expected))
+    return results
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "nuclear", "auto"])
+@pytest.mark.parametrize("acc", [1, 3])
+def test_fsdp2_estimate_equals_reference(norm, acc):
+    _check_equal(spawn(_equality_worker, 2, norm, acc, {}), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"shard1": True},
+        {"bf16": True},
+        {"force_sum": True},
+        {"unused": True},
+        {"mesh": (1, 2)},
+        {"mesh": (2, 1)},
+    ],
+    ids=["shard1", "bf16-params-fp32-reduce", "force-sum", "unused-param", "hsdp-1x2", "hsdp-2x1"],
+)
+def test_fsdp2_options_estimate_equals_reference(options):
+    # bf16: one micro-step (FSDP accumulates bf16 micro-steps in float32, the reference in bf16)
+    acc = 1 if options.get("bf16") else 2
+    _check_equal(spawn(_equality_worker, 2, "auto", acc, options), rtol=1e-5)
+
+
+def test_fsdp2_hsdp_on_four_ranks():
+    # 2 replicas x 2 shards: squares reduce-scattered over the shard group, then all-reduced
+    # over the replicas; Grams over all four ranks
+    _check_equal(spawn(_equality_worker, 4, "auto", 1, {"mesh": (2, 2)}), rtol=1e-5)
+
+
+# -- training is unchanged ----------------------------------------------------------------------
+
+
+def _bit_identity_worker(rank, world_size, norm, interval, options):
+    torch.manual_seed(0)
+    plain_module, hooked_module = Net(), Net()
+    hooked_module.load_state_dict(plain_module.state_dict())
+    plain, hooked = _wrap(plain_module, options), _wrap(hooked_module, options)
+    opts = [_optimizer("l1", m) for m in (plain, hooked)]
+    cfg = GNSConfig(norm=norm, interval=interval, adapt_batch_size=False)
+    monitor = attach(hooked, cfg, opts[1], micro_batch_size=MICRO, accumulation_steps=2)
+    for step in range(4):
+        for model in (plain, hooked):
+            for micro in range(2):
+                if options.get("engine") == "fsdp1":
+                    ctx = model.no_sync() if micro == 0 else torch.enable_grad()
+                else:
+                    model.set_requires_gradient_sync(micro == 1)
+                    ctx = torch.enable_grad()
+                with ctx:
+                    (_loss(model, *_batch(rank, step, micro)) / 2).backward()
+        for a, b in zip(plain.parameters(), hooked.parameters(), strict=True):
+            if a.grad is not None:
+                ga = a.grad.to_local() if isinstance(a.grad, DTensor) else a.grad
+                gb = b.grad.to_local() if isinstance(b.grad, DTensor) else b.grad
+                assert torch.equal(ga, gb), f"step {step}: gradients differ"
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(plain.parameters(), hooked.parameters(), strict=True):
+        la = a.to_local() if isinstance(a, DTensor) else a
+        lb = b.to_local() if isinstance(b, DTensor) else b
+        assert torch.equal(la, lb)
+    return monitor.controller.num_updates
+
+
+@pytest.mark.parametrize("norm", ["l1", "nuclear"])
+def test_fsdp2_training_bit_identical_to_plain(norm):
+    # interval 1: every step measures; interval 3: steps 0 and 3 measure, 1 and 2 do not
+    assert spawn(_bit_identity_worker, 2, norm, 1, {}) == [4, 4]
+    assert spawn(_bit_identity_worker, 2, norm, 3, {"mesh": (1, 2)}) == [2, 2]
+
+
+# -- the batch grows and the micro-steps follow it ------------------------------------------------
+
+
+def _schedule_worker(rank, world_size, options):
+    torch.manual_seed(0)
+    model = _wrap(Net(), options)
+    opt = _optimizer("l2", model)
+    cfg = GNSConfig(norm="l2", interval=2, theta=0.05, max_batch_size=MICRO * world_size * 5,
+                    check_consistency=True)  # fmt: skip
+    monitor = attach(model, cfg, opt, micro_batch_size=MICRO)
+    trace = []
+    for step in range(6):
+        count = 0
+        for micro in monitor.micro_steps():
+            count += 1
+            with micro:
+                (_loss(model, *_batch(rank, step, micro.index)) / micro.loss_divisor).backward()
+        opt.step()
+        opt.zero_grad()
+        trace.append((count, monitor.accumulation_steps, monitor.samples))
+    return trace
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+def test_batch_grows_and_micro_steps_follow(engine):
+    results = spawn(_schedule_worker, 2, {"engine": engine})
+    assert results[0] == results[1]
+    trace = results[0]
+    samples = 0
+    for k, (count, _acc, seen) in enumerate(trace):
+        assert count == (1 if k == 0 else trace[k - 1][1])
+        samples += count * MICRO * 2
+        assert seen == samples
+    assert trace[0][1] > 1 and trace[-1][1] == 5
+
+
+# -- FSDP1 -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
+@pytest.mark.parametrize("orig_params", [True, False])
+def test_fsdp1_estimate_equals_reference(strategy, orig_params):
+    options = {"engine": "fsdp1", "strategy": strategy, "orig_params": orig_params}
+    # nuclear + l1 mixed (explicit per-group geometry) needs use_orig_params for "auto"
+    norm = "auto" if orig_params else "l1"
+    _check_equal(spawn(_equality_worker, 2, norm, 3, options), rtol=1e-5)
+    _check_equal(spawn(_equality_worker, 2, "nuclear", 1, options), rtol=1e-5)
+
+
+def test_fsdp1_training_bit_identical_to_plain():
+    options = {"engine": "fsdp1", "strategy": "FULL_SHARD"}
+    assert spawn(_bit_identity_worker, 2, "nuclear", 1, options) == [4, 4]
+
+
+# -- what is refused ----------------------------------------------------------------------------
+
+
+def _errors_worker(rank, world_size):
+    with pytest.raises(TypeError, match="fully_shard"):  # sharded children, no sharded root
+        module = Net()
+        fully_shard(module.up)
+        attach(module, GNSConfig(norm="l1"), micro_batch_size=1)
+    # HYBRID_SHARD without a mesh has shard size 1 here: FSDP silently never reduces across the
+    # replicas; with a (1, 2) mesh FSDP refuses comm hooks. Both are refused by name.
+    for mesh in (None, init_device_mesh("cpu", (1, 2))):
+        hybrid = FullyShardedDataParallel(
+            Net(), sharding_strategy=ShardingStrategy.HYBRID_SHARD, device_mesh=mesh,
+            auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), device_id=torch.device("cpu"),
+        )  # fmt: skip
+        with pytest.raises(NotImplementedError, match="HYBRID_SHARD"):
+            attach(hybrid, GNSConfig(norm="l1"), micro_batch_size=1)
+    return True
+
+
+def test_bad_wrappings_are_refused():
+    assert spawn(_errors_worker, 2) == [True, True]
+
+
+def _hsdp_group_worker(rank, world_size):
+    # a (replicate, shard) mesh on ranks {0,1} and {2,3} separately, as beside tensor parallelism
+    world = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("tp", "rep", "shard"))
+    mesh = world["rep", "shard"]
+    module = Net()
+    fully_shard(module, mesh=mesh)
+    with pytest.raises(ValueError, match="process_group"):
+        attach(module, GNSConfig(norm="l1"), micro_batch_size=1)
+    return True
+
+
+def test_hsdp_inside_a_larger_world_needs_its_group():
+    assert spawn(_hsdp_group_worker, 4) == [True] * 4
