@@ -297,3 +297,40 @@ def _single_rank_worker(rank, world_size):
 def test_single_rank_trains_without_measuring():
     # one rank is one sample: nothing to measure, but the loop must run (with a warning)
     assert spawn(_single_rank_worker, 1) == [(False, None, 2 * 2 * MICRO)]
+
+
+# -- collectives stay inside the data-parallel group ---------------------------------------------
+
+
+def _groups_worker(rank, world_size, norm):
+    # ranks {0, 2} and {1, 3}: two data-parallel groups, as beside tensor parallelism
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    group = groups[rank % 2]
+    torch.manual_seed(0)
+    module = Net()
+    reference = copy.deepcopy(module)
+    ddp = DDP(module, process_group=group, bucket_cap_mb=0.0004)
+    opt = _make_optimizer("signum", module)
+    cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False, check_consistency=True)
+    monitor = attach(ddp, cfg, opt, micro_batch_size=MICRO)
+    norms = {t.name: t.norm for t in monitor.plan.params}
+    _loss(reference, *_batch(rank, 0, 0)).backward()
+    local = {n: p.grad.detach().double() for n, p in reference.named_parameters() if n in norms}
+    gathered = [None] * 2
+    dist.all_gather_object(gathered, local, group=group)
+    for micro in monitor.micro_steps():
+        with micro:
+            _loss(ddp, *_batch(rank, 0, micro.index)).backward()
+    opt.step()
+    return monitor.last_estimate, estimate_gns(gathered, MICRO, norms)
+
+
+@pytest.mark.parametrize("norm", ["l1", "nuclear"])
+def test_each_data_parallel_group_measures_its_own_ranks(norm):
+    results = spawn(_groups_worker, 4, norm)
+    for got, want in results:
+        assert got.num_samples == 2
+        assert got.noise == pytest.approx(want.noise, rel=1e-5)
+        assert got.signal == pytest.approx(want.signal, rel=1e-5)
+    # the two groups hold different ranks' gradients: different estimates
+    assert results[0][0].noise == results[2][0].noise != results[1][0].noise

@@ -284,3 +284,35 @@ def _hsdp_group_worker(rank, world_size):
 
 def test_hsdp_inside_a_larger_world_needs_its_group():
     assert spawn(_hsdp_group_worker, 4) == [True] * 4
+
+
+def _tp_dp_worker(rank, world_size):
+    # a (tp, dp) mesh: FSDP2 shards over "dp" only; each dp group is measured on its own
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("tp", "dp"))
+    torch.manual_seed(0)
+    module = Net()
+    reference = copy.deepcopy(module)
+    for child in (module.conv, module.up, module.down):
+        fully_shard(child, mesh=mesh["dp"])
+    fully_shard(module, mesh=mesh["dp"])
+    opt = _optimizer("auto", module)
+    monitor = attach(module, GNSConfig(norm="auto", interval=1), opt, micro_batch_size=MICRO)
+    norms = {t.name: t.norm for t in monitor.plan.params}
+    _loss(reference, *_batch(rank, 0, 0)).backward()
+    local = {n: p.grad.detach().double() for n, p in reference.named_parameters() if n in norms}
+    gathered = [None] * 2
+    dist.all_gather_object(gathered, local, group=mesh["dp"].get_group())
+    for micro in monitor.micro_steps():
+        with micro:
+            _loss(module, *_batch(rank, 0, micro.index)).backward()
+    opt.step()
+    return monitor.last_estimate, estimate_gns(gathered, MICRO, norms)
+
+
+def test_fsdp2_data_parallel_submesh_measures_its_own_ranks():
+    results = spawn(_tp_dp_worker, 4)
+    for got, want in results:
+        assert got.num_samples == 2
+        assert got.noise == pytest.approx(want.noise, rel=1e-5)
+        assert got.signal == pytest.approx(want.signal, rel=1e-5)
+    assert results[0][0].noise == results[1][0].noise != results[2][0].noise
