@@ -4,17 +4,19 @@ bytes of this machine's Python standard library.
 
     torchrun --standalone --nproc-per-node 2 launch/train.py      # the default: ~2 min, 2 cores
     torchrun ... launch/train.py --optimizer adamw --batch-mode constant --initial-batch 32
+    torchrun ... launch/train.py --engine fsdp2                   # fully_shard per block + root
+    torchrun ... launch/train.py --engine fsdp1 --fsdp-strategy SHARD_GRAD_OP
     torchrun ... launch/train.py --engine deepspeed --zero-stage 2  # DeepSpeed, ZeRO-2
     bash launch/deepspeed_launcher.sh --zero-stage 1              # DeepSpeed's own launcher
     bash launch/two_nodes_local.sh --sample-budget 2000           # two "nodes" on one machine
 
 The run ends when --sample-budget samples are spent. The learning rate follows the samples seen
 (linear warm-up over --warmup-fraction of the budget, then cosine to 0) times the batch
-controller's multiplier sqrt(B/B0), which the library (``nongns_dist.attach`` for DDP,
-``nongns_dist.deepspeed.initialize`` for DeepSpeed) applies inside optimizer.step(). Outputs in
---out: metrics.jsonl (one line per optimizer step), TensorBoard events when the ``tensorboard``
-package is installed, a checkpoint (DDP: checkpoint.pt; DeepSpeed: checkpoint/) and
-summary.json.
+controller's multiplier sqrt(B/B0), which the library (``nongns_dist.attach`` for DDP, FSDP2
+and FSDP1, ``nongns_dist.deepspeed.initialize`` for DeepSpeed) applies inside optimizer.step().
+Outputs in --out: metrics.jsonl (one line per optimizer step), TensorBoard events when the
+``tensorboard`` package is installed, a checkpoint (DDP, FSDP: checkpoint.pt, full state dicts;
+DeepSpeed: checkpoint/) and summary.json.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -46,7 +55,7 @@ from launch.data import (
     sample_windows,
     validation_windows,
 )
-from launch.llama import Llama, LlamaConfig
+from launch.llama import Block, Llama, LlamaConfig
 from nongns_dist import GNSConfig, GNSEstimate, attach, warmup_cosine
 from nongns_dist.optim import Muon, SignSGD, Signum, muon_param_groups
 
@@ -60,6 +69,10 @@ DEFAULT_LR = {
     "adamw": 3e-3,
     "sgd": 0.3,
 }
+#: Optimizers that orthogonalise whole matrices (Newton-Schulz): not on parameter shards.
+MATRIX_OPTIMIZERS = ("muon", "specsgd")
+#: The engines that hand the optimizer parameter shards.
+FSDP_ENGINES = ("fsdp2", "fsdp1")
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -80,10 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--engine",
-        choices=("ddp", "deepspeed"),
+        choices=tuple(RUNTIMES),
         default="ddp",
-        help="data-parallel runtime: torch DDP + nongns_dist.attach, or a DeepSpeed engine from "
-        "nongns_dist.deepspeed.initialize (config built from these flags, see --ds-config)",
+        help="data-parallel runtime: torch DDP, FSDP2 (fully_shard on each transformer block and "
+        "the root) or FSDP1 (FullyShardedDataParallel, one unit per block), each with "
+        "nongns_dist.attach; or a DeepSpeed engine from nongns_dist.deepspeed.initialize (config "
+        "built from these flags, see --ds-config). fsdp1/fsdp2 refuse muon/specsgd",
+    )
+    p.add_argument(
+        "--fsdp-strategy",
+        choices=("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"),
+        default=None,
+        help="fsdp1: FSDP's sharding strategy (default FULL_SHARD; HYBRID_SHARD is not "
+        "supported by nongns_dist)",
     )
     p.add_argument(
         "--zero-stage",
@@ -116,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grad-clip",
         type=float,
         default=0.0,
-        help="clip the global gradient norm to this before the optimizer step; 0: off (both "
-        "engines; DeepSpeed's own default of 1.0 is overridden). The noise scale is measured "
+        help="clip the global gradient norm to this before the optimizer step; 0: off (every "
+        "engine; DeepSpeed's own default of 1.0 is overridden). The noise scale is measured "
         "on the unclipped gradients",
     )
     p.add_argument(
@@ -227,13 +249,24 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
         parser.error(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
     if args.engine != "deepspeed" and (args.zero_stage is not None or args.ds_config):
         parser.error("--zero-stage and --ds-config need --engine deepspeed")
+    if args.engine != "fsdp1" and args.fsdp_strategy is not None:
+        parser.error("--fsdp-strategy needs --engine fsdp1 (fsdp2 shards fully)")
+    if args.engine == "fsdp1" and args.fsdp_strategy is None:
+        args.fsdp_strategy = "FULL_SHARD"
+    if args.engine in FSDP_ENGINES and args.optimizer in MATRIX_OPTIMIZERS:
+        parser.error(
+            f"--optimizer {args.optimizer} cannot run under --engine {args.engine}: FSDP hands "
+            "the optimizer shards of each matrix (FSDP2: DTensor rows, FSDP1: flat 1-D pieces), "
+            "and Newton-Schulz orthogonalises whole matrices; use --engine ddp or --engine "
+            "deepspeed --zero-stage 0"
+        )
     if args.engine == "deepspeed":
         try:
             config = deepspeed_config(args, world)
         except ValueError as exc:
             parser.error(str(exc))
         stage = config["zero_optimization"]["stage"]
-        if args.optimizer in ("muon", "specsgd") and stage != 0:
+        if args.optimizer in MATRIX_OPTIMIZERS and stage != 0:
             parser.error(
                 f"--optimizer {args.optimizer} needs --zero-stage 0 under DeepSpeed: ZeRO {stage} "
                 "hands the optimizer flat 1-D partitions, and Muon orthogonalises whole matrices "
@@ -403,8 +436,8 @@ def load_data(args: argparse.Namespace, local_rank: int) -> Corpus:
 
 
 def next_token_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of (batch, seq + 1) tokens. Called on the DDP wrapper when training,
-    so that DDP's hooks (and the noise-scale capture in them) run."""
+    """Mean cross-entropy of (batch, seq + 1) tokens. Called on the engine's wrapper when
+    training, so that its hooks (and the noise-scale capture in them) run."""
     logits = model(tokens[:, :-1])
     return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
 
@@ -414,7 +447,7 @@ def evaluate(model: nn.Module, windows: torch.Tensor, micro_batch: int) -> float
     """Mean loss over fixed validation windows; the ranks split the micro-batches and sum.
 
     Every rank runs the same number of forwards (a rank short of one repeats a micro-batch and
-    leaves it out of the sums): ZeRO-3's forward gathers parameters collectively."""
+    leaves it out of the sums): the forwards of FSDP and ZeRO-3 gather parameters collectively."""
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = windows.split(micro_batch)
     totals = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batch count
@@ -487,30 +520,40 @@ class RunLog:
 
 
 class DDPRuntime:
-    """torch DDP with nongns_dist.attach: no_sync micro-steps, one optimizer.step()."""
+    """torch DDP with nongns_dist.attach: no_sync micro-steps, one optimizer.step(). The FSDP
+    runtimes below change only how the model is wrapped, clipped and saved."""
 
     def __init__(self, args: argparse.Namespace, model: nn.Module) -> None:
         self.model = model
         self.grad_clip = args.grad_clip
-        self.ddp = DDP(model)
-        self.optimizer = build_optimizer(args, model)
+        self.wrapped = self.wrap(args, model)
+        # Built after wrapping: FSDP2 swaps the parameters for DTensors, FSDP1 for flat shards.
+        self.optimizer = build_optimizer(args, self.wrapped)
         self.readout = attach(
-            self.ddp, gns_config(args), self.optimizer, micro_batch_size=args.micro_batch
+            self.wrapped, gns_config(args), self.optimizer, micro_batch_size=args.micro_batch
         )
-        self.eval_model: nn.Module = model  # not the wrapper: evaluation bypasses DDP's hooks
+        # DDP's replicas are whole, so evaluation bypasses its hooks; FSDP's forward must gather.
+        self.eval_model: nn.Module = model if isinstance(self.wrapped, DDP) else self.wrapped
+
+    def wrap(self, args: argparse.Namespace, model: nn.Module) -> nn.Module:
+        return DDP(model)
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         loss_sum = torch.zeros(())
         for micro, tokens in zip(self.readout.micro_steps(), micro_batches, strict=True):
-            with micro:  # no_sync() on all but the last micro-step
-                loss = next_token_loss(self.ddp, tokens)
+            with micro:  # no gradient sync on all but the last micro-step
+                loss = next_token_loss(self.wrapped, tokens)
                 (loss / micro.loss_divisor).backward()
             loss_sum += loss.detach()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.clip_gradients()
         self.optimizer.step()  # also closes the monitor's step: samples counted, next batch set
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
+
+    def clip_gradients(self) -> None:
+        # FSDP2: DTensor gradients, whose norms clip_grad_norm_ reduces across the shards.
+        torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.grad_clip)
 
     def save(self, out: Path, args: argparse.Namespace) -> str:
         if dist.get_rank() == 0:
@@ -522,6 +565,58 @@ class DDPRuntime:
             }
             torch.save(checkpoint, out / "checkpoint.pt")
         return "checkpoint.pt"
+
+
+class FSDP2Runtime(DDPRuntime):
+    """FSDP2 as torchtitan applies it: ``fully_shard`` on each transformer block, then the root.
+    Saved as full (unsharded) state dicts in checkpoint.pt, the DDP layout."""
+
+    def wrap(self, args: argparse.Namespace, model: nn.Module) -> nn.Module:
+        for block in model.modules():
+            if isinstance(block, Block):
+                fully_shard(block)
+        fully_shard(model)  # in place: the root gathers what the blocks leave out
+        return model
+
+    def save(self, out: Path, args: argparse.Namespace) -> str:
+        # Collective: every rank gathers, rank 0 keeps the full tensors (on the CPU).
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.wrapped, options=options)
+        # get_optimizer_state_dict fills an empty state with a zero-lr optimizer.step(), which
+        # would also close a monitor step; a stateless optimizer (signsgd) has only its groups.
+        optimizer_state = (
+            get_optimizer_state_dict(self.wrapped, self.optimizer, options=options)
+            if self.optimizer.state
+            else self.optimizer.state_dict()
+        )
+        if dist.get_rank() == 0:
+            checkpoint = {
+                "model": model_state,  # the plain module's keys: Llama.load_state_dict takes it
+                "optimizer": optimizer_state,  # keyed by parameter name, not index
+                "monitor": self.readout.state_dict(),
+                "args": vars(args),
+            }
+            torch.save(checkpoint, out / "checkpoint.pt")
+        return "checkpoint.pt (full state dicts)"
+
+
+class FSDP1Runtime(FSDP2Runtime):
+    """FSDP1: a FullyShardedDataParallel unit per transformer block under a root unit, with the
+    original parameters (use_orig_params) for the optimizer; saved as FSDP2 is."""
+
+    def wrap(self, args: argparse.Namespace, model: nn.Module) -> nn.Module:
+        return FullyShardedDataParallel(
+            model,
+            sharding_strategy=ShardingStrategy[args.fsdp_strategy],
+            auto_wrap_policy=ModuleWrapPolicy({Block}),
+            use_orig_params=True,
+            device_id=torch.device("cpu"),
+        )
+
+    def clip_gradients(self) -> None:
+        # Parameters are views of flat shards: only FSDP's own clip reduces the norm across them.
+        assert isinstance(self.wrapped, FullyShardedDataParallel)
+        self.wrapped.clip_grad_norm_(self.grad_clip)
 
 
 class DeepSpeedRuntime:
@@ -556,6 +651,8 @@ class DeepSpeedRuntime:
 
 RUNTIMES: dict[str, type[DDPRuntime] | type[DeepSpeedRuntime]] = {
     "ddp": DDPRuntime,
+    "fsdp2": FSDP2Runtime,
+    "fsdp1": FSDP1Runtime,
     "deepspeed": DeepSpeedRuntime,
 }
 
@@ -575,9 +672,11 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
     corpus = load_data(args, local_rank)
     val_windows = validation_windows(corpus.val, args.seq_len, args.eval_batches * args.micro_batch)
 
-    torch.manual_seed(args.seed)  # the same initial weights everywhere (the engines broadcast)
+    # The same initial weights everywhere: DDP and DeepSpeed broadcast rank 0's, FSDP keeps
+    # each rank's shard of its own copy, identical by the seed.
+    torch.manual_seed(args.seed)
     model = Llama(model_config(args, corpus.vocab_size))
-    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+    n_params = sum(p.numel() for p in model.parameters())  # before FSDP or ZeRO-3 shard them
     try:
         runtime: DDPRuntime | DeepSpeedRuntime = RUNTIMES[args.engine](args, model)
     except (ValueError, NotImplementedError) as exc:
@@ -650,7 +749,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
 
     assert val_loss is not None  # the last step always evaluates
     log.close()
-    checkpoint = runtime.save(out, args)  # collective under DeepSpeed: every rank calls it
+    checkpoint = runtime.save(out, args)  # collective under FSDP and DeepSpeed: all ranks call it
     if rank != 0:
         return
     summary = {

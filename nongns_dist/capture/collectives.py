@@ -54,26 +54,31 @@ def reduce_scatter_rows(
     chunk = -(-numel // world_size)
     packed = torch.zeros(world_size, len(rows), chunk, dtype=torch.float32, device=device)
     for i, row in enumerate(rows):
-        padded = torch.zeros(world_size * chunk, dtype=torch.float32, device=device)
-        padded[:numel] = row
-        packed[:, i] = padded.view(world_size, chunk)
+        for r in range(world_size):  # copied chunk by chunk: no padded temporary
+            part = row[r * chunk : (r + 1) * chunk]
+            packed[r, i, : part.numel()] = part
     received = torch.empty(len(rows) * chunk, dtype=torch.float32, device=device)
     work = reduce_scatter(received, packed.view(-1), group=group, async_op=True)
     return work, received.view(len(rows), chunk), packed, chunk
 
 
+def _upper(size: int, device: torch.device) -> torch.Tensor:
+    # a boolean mask (1 byte an entry) rather than triu_indices (16 bytes an entry)
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu_()
+
+
 def gram_triangle(matrix: torch.Tensor) -> torch.Tensor:
-    """Upper triangle of ``matrix @ matrix.T`` as a flat tensor (the Gram is symmetric)."""
+    """Upper triangle of ``matrix @ matrix.T``, row by row, as a flat tensor (the Gram is
+    symmetric: half the bytes travel)."""
     gram = matrix @ matrix.T
-    rows, cols = torch.triu_indices(*gram.shape, device=gram.device)
-    return gram[rows, cols]
+    return gram[_upper(gram.shape[0], gram.device)]
 
 
 def triangle_to_gram(upper: torch.Tensor, size: int) -> torch.Tensor:
-    rows, cols = torch.triu_indices(size, size, device=upper.device)
+    """The symmetric matrix whose ``gram_triangle`` is ``upper``."""
     gram = torch.zeros(size, size, dtype=upper.dtype, device=upper.device)
-    gram[rows, cols] = upper
-    gram[cols, rows] = upper
+    gram[_upper(size, upper.device)] = upper
+    gram += gram.T.tril(-1)  # the strict upper triangle mirrored; the diagonal once
     return gram
 
 

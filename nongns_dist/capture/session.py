@@ -242,8 +242,9 @@ class MeasurementSession:
     ) -> None:
         def triangles() -> Iterator[torch.Tensor]:
             for j, t in zip(positions, params, strict=True):
-                g = local[j].reshape(t.shape).to(torch.float64)
-                yield gram_triangle(as_matrix(g - mean[j].reshape(t.shape).to(torch.float64)))
+                deviation = local[j].reshape(t.shape).to(torch.float64, copy=True)
+                deviation -= mean[j].reshape(t.shape)  # in place: one float64 temporary
+                yield gram_triangle(as_matrix(deviation))
 
         owned = reduce_to_owners(
             params,
@@ -363,8 +364,7 @@ class SampleAccumulator:
                     if gram is None:  # no gradient on this rank (unused parameter): zeros
                         yield zeros(t.triangle_size)
                     else:
-                        rows, cols = torch.triu_indices(*gram.shape, device=gram.device)
-                        yield gram[rows, cols]
+                        yield gram[torch.ones_like(gram, dtype=torch.bool).triu_()]
 
             common = {"world_size": s.world_size, "rank": s.rank, "group": s.group}
             owned_grams = reduce_to_owners(
