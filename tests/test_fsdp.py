@@ -54,7 +54,25 @@ def _wrap(module: nn.Module, options: dict) -> nn.Module:
     fully_shard(module, **kwargs)
     if options.get("force_sum"):
         module.set_force_sum_reduction_for_comms(True)
+    if options.get("user_hooks"):  # set before attach: they must keep running after it
+        calls = options.setdefault("calls", [])
+        module.up.set_all_reduce_hook(lambda out: calls.append(out.numel()))
+        module.up.set_custom_reduce_scatter(_CountingReduceScatter(calls))
     return module
+
+
+class _CountingReduceScatter:
+    """A user's reduce-scatter: the default one, counting its calls."""
+
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        self.calls.append("comm")
+        return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group)
 
 
 def _full_state(model: nn.Module, options: dict) -> dict[str, torch.Tensor]:
@@ -117,6 +135,8 @@ def _equality_worker(rank, world_size, norm, acc, options):
         opt.zero_grad()
         expected = estimate_gns(gathered, MICRO * acc, norms, layer_breakdown=True)
         results.append((monitor.last_estimate, expected))
+    if options.get("user_hooks"):  # the user's comm and hook ran on both steps
+        assert options["calls"].count("comm") == 2 and len(options["calls"]) == 4
     return results
 
 
@@ -135,8 +155,17 @@ def test_fsdp2_estimate_equals_reference(norm, acc):
         {"unused": True},
         {"mesh": (1, 2)},
         {"mesh": (2, 1)},
+        {"user_hooks": True},
     ],
-    ids=["shard1", "bf16-params-fp32-reduce", "force-sum", "unused-param", "hsdp-1x2", "hsdp-2x1"],
+    ids=[
+        "shard1",
+        "bf16-params-fp32-reduce",
+        "force-sum",
+        "unused-param",
+        "hsdp-1x2",
+        "hsdp-2x1",
+        "user-comm-and-hook",
+    ],
 )
 def test_fsdp2_options_estimate_equals_reference(options):
     # bf16: one micro-step (FSDP accumulates bf16 micro-steps in float32, the reference in bf16)

@@ -458,8 +458,7 @@ def report(
     world: int,
 ) -> None:
     model = runs[0].model
-    shapes = Counter(tuple((p.full_tensor() if hasattr(p, "full_tensor") else p).shape)
-                     for p in model.parameters())  # fmt: skip
+    shapes = Counter(tuple(p.shape) for p in model.parameters())  # DTensor: the global shape
     params = sum(math.prod(s) * k for s, k in shapes.items())
     print(f"command: torchrun --standalone --nproc-per-node {world} {' '.join(sys.argv)}")
     print(f"device=cpu, ranks={world} (gloo), torch {torch.__version__}, threads/rank="
