@@ -21,6 +21,7 @@ import torch.distributed as dist
 from nongns_dist.capture.plan import TrackedParam
 
 __all__ = [
+    "all_gather",
     "gram_triangle",
     "reduce_scatter",
     "reduce_scatter_rows",
@@ -39,6 +40,15 @@ def reduce_scatter(
     there) to reduce_scatter_single. Looked up per call, so wrappers of torch.distributed see it."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     return fn(output, input, group=group, async_op=async_op)
+
+
+def all_gather(
+    output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> Any:
+    """All-gather of one flat tensor (all_gather_into_tensor, renamed all_gather_single in
+    torch 2.13)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group)
 
 
 def reduce_scatter_rows(

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms._comm_hooks import default_hooks
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
+from nongns_dist.capture.collectives import all_gather
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, clean_fqn, group_kinds, plan_entries
 from nongns_dist.capture.session import MeasurementSession, SampleKind, group_rank_and_size
 
@@ -215,7 +216,7 @@ class _UnitState:
         self.reduce(grad, output)  # NO_SHARD: ``grad`` now holds the mean
         if squares is not None:
             work, received, _packed, chunk = squares
-            work.wait()  # type: ignore[attr-defined]
+            work.wait()
             lo = self.rank * chunk
             if with_sum:
                 mean = received[1] / world
@@ -226,7 +227,6 @@ class _UnitState:
             full = grad
             if output is not None:  # the mean is sharded: gather it, on measuring steps only
                 full = output.new_empty(world * output.numel())
-                all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
                 all_gather(full, output, group=self.group)
             session.add_matrices(
                 [t for t, _, _ in self.matrices], local, [full[a:b] for _, a, b in self.matrices]

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from nongns_dist.capture.collectives import reduce_scatter
+from nongns_dist.capture.collectives import all_gather, reduce_scatter
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, group_kinds, plan_entries
 from nongns_dist.capture.session import MeasurementSession, SampleKind
 
@@ -320,7 +320,7 @@ def _all_gather_columns(
     if shards == 1:
         return mine.view(1, -1)
     gathered = torch.empty(shards * mine.numel(), dtype=mine.dtype, device=mine.device)
-    dist.all_gather_into_tensor(gathered, mine, group=group)
+    all_gather(gathered, mine, group=group)
     return gathered.view(shards, -1)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -198,7 +198,7 @@ class MeasurementSession:
 
     def reduce_squares(
         self, local: torch.Tensor, *, with_sum: bool = False
-    ) -> tuple[object, torch.Tensor, torch.Tensor, int]:
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, int]:
         """Start the reduce-scatter of the squares of a flat local gradient (and of the gradient
         itself when ``with_sum``: below float32 the reduced mean is too coarse for Q - n g^2).
         Returns (work, received rows, packed input to keep alive, chunk)."""
