@@ -250,7 +250,7 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     if args.engine != "deepspeed" and (args.zero_stage is not None or args.ds_config):
         parser.error("--zero-stage and --ds-config need --engine deepspeed")
     if args.engine != "fsdp1" and args.fsdp_strategy is not None:
-        parser.error("--fsdp-strategy needs --engine fsdp1 (fsdp2 shards fully)")
+        parser.error("--fsdp-strategy needs --engine fsdp1 (fsdp2 always shards fully)")
     if args.engine == "fsdp1" and args.fsdp_strategy is None:
         args.fsdp_strategy = "FULL_SHARD"
     if args.engine in FSDP_ENGINES and args.optimizer in MATRIX_OPTIMIZERS:
@@ -571,16 +571,18 @@ class FSDP2Runtime(DDPRuntime):
     """FSDP2 as torchtitan applies it: ``fully_shard`` on each transformer block, then the root.
     Saved as full (unsharded) state dicts in checkpoint.pt, the DDP layout."""
 
+    #: Full state dicts on rank 0 only (on the CPU); the other ranks take part in the gathers.
+    cpu_offload = True
+
     def wrap(self, args: argparse.Namespace, model: nn.Module) -> nn.Module:
-        for block in model.modules():
-            if isinstance(block, Block):
-                fully_shard(block)
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            fully_shard(block)
         fully_shard(model)  # in place: the root gathers what the blocks leave out
         return model
 
     def save(self, out: Path, args: argparse.Namespace) -> str:
-        # Collective: every rank gathers, rank 0 keeps the full tensors (on the CPU).
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # Collective: every rank takes part in the gathers; rank 0 writes the file.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=self.cpu_offload)
         model_state = get_model_state_dict(self.wrapped, options=options)
         # get_optimizer_state_dict fills an empty state with a zero-lr optimizer.step(), which
         # would also close a monitor step; a stateless optimizer (signsgd) has only its groups.
@@ -603,6 +605,11 @@ class FSDP2Runtime(DDPRuntime):
 class FSDP1Runtime(FSDP2Runtime):
     """FSDP1: a FullyShardedDataParallel unit per transformer block under a root unit, with the
     original parameters (use_orig_params) for the optimizer; saved as FSDP2 is."""
+
+    # Every rank gathers the full state dicts. FSDP1's CPU offload frees the storage it then
+    # copies from when the parameters are already on the CPU (torch 2.13 FlatParamHandle.to_cpu:
+    # .to("cpu") is a no-op, then the unsharded flat parameter is freed): a segfault.
+    cpu_offload = False
 
     def wrap(self, args: argparse.Namespace, model: nn.Module) -> nn.Module:
         return FullyShardedDataParallel(

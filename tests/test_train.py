@@ -28,6 +28,11 @@ TINY = [
     *("--interval", "2", "--warmup-fraction", "0.1", "--sample-budget", "240"),
     *("--eval-every", "10", "--eval-batches", "2", "--corpus-mb", str(TEST_CORPUS_MB)),
 ]
+#: The job the engine comparisons run: SGD, a batch that grows (theta 0.1), and three validation
+#: micro-batches on two ranks (the collective forwards of FSDP and ZeRO-3 must not hang on the
+#: uneven split).
+COMPARED = [*TINY, "--optimizer", "sgd", "--theta", "0.1", "--eval-batches", "3"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 
 
 @pytest.fixture(scope="session")
@@ -54,12 +59,40 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+Run = tuple[dict, list[dict]]  # summary.json, metrics.jsonl
+
+
+def _train_run(out: Path, flags: list[str]) -> Run:
+    _run([*TORCHRUN, "2", str(TRAIN), *flags, "--out", str(out)], cwd=out.parent)
+    return json.loads((out / "summary.json").read_text()), _records(out)
+
+
+def _assert_reproduces(name: str, run: Run, reference: Run, noise_rel: float | None) -> None:
+    """Same batch schedule, losses to 1e-5; noise, signal and noise scale to ``noise_rel``."""
+    (summary, records), (ref_summary, ref_records) = run, reference
+    assert summary["batch_trajectory"] == ref_summary["batch_trajectory"], name
+    assert [r["batch_size"] for r in records] == [r["batch_size"] for r in ref_records], name
+    for mine, ref in zip(records, ref_records, strict=True):
+        for key in ("train_loss", "val_loss"):
+            if key in ref:
+                assert mine[key] == pytest.approx(ref[key], rel=1e-5), (name, ref["step"], key)
+        if noise_rel is not None and ref.get("gns") is not None:
+            for key in ("gns", "noise", "signal"):
+                assert mine[key] == pytest.approx(ref[key], rel=noise_rel), (name, ref["step"], key)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> tuple[Path, Run]:
+    """The DDP run of COMPARED, the reference of the engine comparisons."""
+    out = tmp_path_factory.mktemp("reference") / "ddp"
+    return out, _train_run(out, [*COMPARED, "--corpus-dir", str(corpus_dir)])
+
+
 @pytest.mark.distributed
 def test_adaptive_run_on_two_ranks_grows_the_batch(tmp_path: Path, corpus_dir: Path) -> None:
     out = tmp_path / "run"
     flags = [*TINY, "--theta", "0.1", "--corpus-dir", str(corpus_dir), "--out", str(out)]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-    result = _run([*torchrun, "2", str(TRAIN), *flags], cwd=tmp_path)
+    result = _run([*TORCHRUN, "2", str(TRAIN), *flags], cwd=tmp_path)
 
     summary = json.loads((out / "summary.json").read_text())
     trajectory = summary["batch_trajectory"]
@@ -120,6 +153,9 @@ def test_two_nodes_local_script_constant_batch_muon(tmp_path: Path, corpus_dir: 
         (["--data", "no/such/file.txt"], "no such file"),
         (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
         (["--zero-stage", "2"], "need --engine deepspeed"),
+        (["--fsdp-strategy", "NO_SHARD", "--engine", "fsdp2"], "--fsdp-strategy needs --engine"),
+        (["--engine", "fsdp2", "--optimizer", "muon"], "Newton-Schulz orthogonalises whole"),
+        (["--engine", "fsdp1", "--optimizer", "specsgd"], "cannot run under --engine fsdp1"),
     ],
 )
 def test_bad_flags_are_clean_errors(
@@ -171,42 +207,62 @@ def test_deepspeed_config_flags_are_checked(
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_deepspeed_engine_reproduces_the_ddp_run(
-    tmp_path: Path, corpus_dir: Path, deepspeed_ops: None
+    tmp_path: Path, corpus_dir: Path, deepspeed_ops: None, ddp_run: tuple[Path, Run]
 ) -> None:
-    """The same job on DDP, DeepSpeed stage 0, ZeRO-2 and ZeRO-3: the reference is the DDP run.
+    """The same job on DeepSpeed stage 0, ZeRO-2 and ZeRO-3: the reference is the DDP run.
 
     Stage 0 measures per-rank samples like DDP, so losses, noise scales and batches agree;
     ZeRO-2/3 measure per-micro-step samples (a different, valid estimate), so there the
-    trajectory is pinned by the losses and the batch schedule. Three validation micro-batches on
-    two ranks: ZeRO-3's collective forward must not hang on the uneven split."""
-    flags = [*TINY, "--optimizer", "sgd", "--theta", "0.1", "--corpus-dir", str(corpus_dir)]
-    flags += ["--eval-batches", "3"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    trajectory is pinned by the losses and the batch schedule."""
+    ddp_out, reference = ddp_run
+    assert len(reference[0]["batch_trajectory"]) >= 2  # the batch grew
     runs = {}
-    for name, engine in (
-        ("ddp", ["--engine", "ddp"]),
-        ("zero0", ["--engine", "deepspeed", "--zero-stage", "0"]),
-        ("zero2", ["--engine", "deepspeed", "--zero-stage", "2"]),
-        ("zero3", ["--engine", "deepspeed", "--zero-stage", "3"]),
-    ):
-        out = tmp_path / name
-        _run([*torchrun, "2", str(TRAIN), *flags, *engine, "--out", str(out)], cwd=tmp_path)
-        runs[name] = (json.loads((out / "summary.json").read_text()), _records(out))
-
-    ddp_summary, ddp = runs["ddp"]
-    assert len(ddp_summary["batch_trajectory"]) >= 2  # the batch grew
-    for name, (summary, records) in runs.items():
-        assert summary["batch_trajectory"] == ddp_summary["batch_trajectory"], name
-        assert [r["batch_size"] for r in records] == [r["batch_size"] for r in ddp], name
-        for mine, ref in zip(records, ddp, strict=True):
-            for key in ("train_loss", "val_loss"):
-                if key in ref:
-                    assert mine[key] == pytest.approx(ref[key], rel=1e-5), (name, key)
-            if name == "zero0" and ref.get("gns") is not None:
-                assert mine["gns"] == pytest.approx(ref["gns"], rel=1e-6)
+    for stage in ("0", "2", "3"):
+        flags = [*COMPARED, "--corpus-dir", str(corpus_dir), "--engine", "deepspeed"]
+        runs[stage] = _train_run(tmp_path / f"zero{stage}", [*flags, "--zero-stage", stage])
+        _assert_reproduces(f"zero{stage}", runs[stage], reference, 1e-6 if stage == "0" else None)
     assert (tmp_path / "zero3" / "checkpoint" / "latest").is_file()
-    assert runs["zero3"][0]["parameters"] == ddp_summary["parameters"]  # counted before ZeRO-3
-    assert (tmp_path / "ddp" / "checkpoint.pt").is_file()
+    assert runs["3"][0]["parameters"] == reference[0]["parameters"]  # counted before ZeRO-3
+    assert (ddp_out / "checkpoint.pt").is_file()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_engines_reproduce_the_ddp_run(
+    tmp_path: Path, corpus_dir: Path, ddp_run: tuple[Path, Run]
+) -> None:
+    """FSDP2 (fully_shard per block, then the root) and FSDP1 (FULL_SHARD) against DDP.
+
+    Every rank builds the same weights from --seed and draws its windows from (seed, rank, step),
+    so each rank's gradient is its DDP twin's, and FSDP's reduce-scatter averages the two ranks
+    as DDP's all-reduce does: losses, noise scales and batches agree (bitwise on two gloo ranks),
+    and so do the full state dicts written on rank 0. With clipping the global norm is summed in
+    another order (per shard, then across ranks): the clip factor differs in the last bits, and
+    the noise scale, a difference of near-equal sums, drifts from the DDP run (1e-6 after 9
+    steps, 2e-5 after 19 on the full budget), so the clipped runs are short (7 steps)."""
+    ddp_out, reference = ddp_run
+    ddp_checkpoint = torch.load(ddp_out / "checkpoint.pt", weights_only=True)
+    flags = [*COMPARED, "--corpus-dir", str(corpus_dir)]
+    clipped = [*flags, "--grad-clip", "0.5", "--sample-budget", "64"]
+    clipped_reference = _train_run(tmp_path / "ddp-clipped", clipped)
+    for engine in ("fsdp2", "fsdp1"):
+        out = tmp_path / engine
+        run = _train_run(out, [*flags, "--engine", engine])
+        _assert_reproduces(engine, run, reference, 1e-5)
+        assert run[0]["engine"] == engine and run[0]["parameters"] == reference[0]["parameters"]
+
+        checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert checkpoint["model"].keys() == ddp_checkpoint["model"].keys()
+        for key, value in ddp_checkpoint["model"].items():  # full tensors, the plain names
+            torch.testing.assert_close(checkpoint["model"][key], value, rtol=1e-5, atol=1e-7)
+        momenta = checkpoint["optimizer"]["state"]  # the full state, keyed by parameter name
+        assert momenta.keys() == ddp_checkpoint["model"].keys()
+        assert momenta["lm_head.weight"]["momentum_buffer"].shape == (256, 32)
+        assert checkpoint["monitor"]["controller"] == pytest.approx(
+            ddp_checkpoint["monitor"]["controller"], rel=1e-5
+        )
+        run = _train_run(tmp_path / f"{engine}-clipped", [*clipped, "--engine", engine])
+        _assert_reproduces(f"{engine} clipped", run, clipped_reference, 1e-5)
 
 
 @pytest.mark.distributed

@@ -52,12 +52,18 @@ def all_gather(
 
 
 def reduce_scatter_rows(
-    rows: Sequence[torch.Tensor], world_size: int, group: dist.ProcessGroup | None
+    rows: Sequence[torch.Tensor],
+    world_size: int,
+    group: dist.ProcessGroup | None,
+    *,
+    square: Sequence[int] = (),
 ) -> tuple[Any, torch.Tensor, torch.Tensor, int]:
-    """Reduce-scatter several flat float32 tensors of one length together, asynchronously.
+    """Reduce-scatter several flat tensors of one length together, in float32, asynchronously.
 
-    Rank r receives, for every row, the sum over ranks of chunk r. Returns (work, received of
-    shape (rows, chunk), the packed input to keep alive until the work completes, chunk).
+    Rank r receives, for every row, the sum over ranks of chunk r (the rows listed in
+    ``square`` are squared first, in the send buffer: no temporary of the row's size). Returns
+    (work, received of shape (rows, chunk), the packed input to keep alive until the work
+    completes, chunk).
     """
     numel = rows[0].numel()
     device = rows[0].device
@@ -67,6 +73,8 @@ def reduce_scatter_rows(
         for r in range(world_size):  # copied chunk by chunk: no padded temporary
             part = row[r * chunk : (r + 1) * chunk]
             packed[r, i, : part.numel()] = part
+    for i in square:
+        packed[:, i].square_()
     received = torch.empty(len(rows) * chunk, dtype=torch.float32, device=device)
     work = reduce_scatter(received, packed.view(-1), group=group, async_op=True)
     return work, received.view(len(rows), chunk), packed, chunk

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from nongns_dist.capture.collectives import all_gather, reduce_scatter
+from nongns_dist.capture.collectives import all_gather
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, group_kinds, plan_entries
 from nongns_dist.capture.session import MeasurementSession, SampleKind
 
@@ -293,14 +293,15 @@ class FSDP2Capture:
         # Squares in the same chunks as the gradient: rank r receives sum_s g_s^2 on its chunk.
         # Below float32 the float32 local gradient travels too, for an exact sum S.
         with_sum = local_rows.dtype not in (torch.float32, torch.float64)
-        local = local_rows.float()
-        rows = [local.square()] + ([local] if with_sum else [])
-        packed = torch.stack(rows, dim=1)  # (W, rows, width): chunk r is contiguous
-        received = torch.empty(packed.shape[1:], dtype=torch.float32, device=packed.device)
-        if packed.shape[0] > 1:
-            reduce_scatter(received.view(-1), packed.view(-1), group=shard_group)
+        shards = local_rows.shape[0]
+        if shards > 1:
+            work, received, _packed, _ = session.reduce_squares(
+                local_rows.reshape(-1), with_sum=with_sum, shard_group=shard_group
+            )
+            work.wait()
         else:
-            received.copy_(packed[0])
+            local = local_rows[0].float()
+            received = torch.stack([local.square(), local] if with_sum else [local.square()])
         if replicate_group is not None and replicate_group.size() > 1:
             dist.all_reduce(received, group=replicate_group)
             if replicate_group.rank() != 0:  # replicas hold the same chunk: count it once

@@ -91,6 +91,8 @@ class MeasurementSession:
         self.device = torch.device(device)
         #: float64 elements of Gram triangles per owner reduction (memory bound, 8 MB).
         self.triangle_budget = triangle_budget
+        #: coordinates per evaluation of the l1/l2 formula (its temporaries: ~4 MB each).
+        self.coordinate_piece = 1 << 20
         # -- the measuring step in flight --------------------------------------------------------
         self.num_samples = 0
         self.sample_size = 0
@@ -167,19 +169,21 @@ class MeasurementSession:
     ) -> None:
         """This rank's slice of ``param``: the mean gradient g and Q = sum_s g_s^2. Zero padding
         adds nothing (its variance and |g| are 0), so padded shards may be passed as they are."""
-        if mean.numel() == 0:
-            return
-        noise, signal = coordinate_partial_sums(
-            mean.float(),
-            sq_sum.float(),
-            self.num_samples,
-            self.sample_size,
-            param.norm,  # type: ignore[arg-type]
-            bias_correction=self.config.bias_correction,
-        )
         table = self._table()
-        table[param.index, 0] += noise.to(table.device)
-        table[param.index, 1] += signal.to(table.device)
+        mean, sq_sum = mean.reshape(-1), sq_sum.reshape(-1)
+        # in pieces: the formula's temporaries stay small whatever the slice's size
+        for start in range(0, mean.numel(), self.coordinate_piece):
+            end = start + self.coordinate_piece
+            noise, signal = coordinate_partial_sums(
+                mean[start:end].float(),
+                sq_sum[start:end].float(),
+                self.num_samples,
+                self.sample_size,
+                param.norm,  # type: ignore[arg-type]
+                bias_correction=self.config.bias_correction,
+            )
+            table[param.index, 0] += noise.to(table.device)
+            table[param.index, 1] += signal.to(table.device)
 
     def add_coordinate_chunk(
         self,
@@ -197,14 +201,21 @@ class MeasurementSession:
                 self.add_coordinates(tracked, mean[a - lo : b - lo], squares[a - lo : b - lo])
 
     def reduce_squares(
-        self, local: torch.Tensor, *, with_sum: bool = False
+        self,
+        local: torch.Tensor,
+        *,
+        with_sum: bool = False,
+        shard_group: dist.ProcessGroup | str | None = "session",
     ) -> tuple[Any, torch.Tensor, torch.Tensor, int]:
         """Start the reduce-scatter of the squares of a flat local gradient (and of the gradient
-        itself when ``with_sum``: below float32 the reduced mean is too coarse for Q - n g^2).
-        Returns (work, received rows, packed input to keep alive, chunk)."""
-        local = local.float()
-        rows = [local.square(), local] if with_sum else [local.square()]
-        return reduce_scatter_rows(rows, self.world_size, self.group)
+        itself when ``with_sum``: below float32 the reduced mean is too coarse for Q - n g^2),
+        in the chunks the gradient itself is reduce-scattered in: over ``shard_group`` (default:
+        the session's group; HSDP: the shard group). Returns (work, received rows, packed input
+        to keep alive until the work completes, chunk)."""
+        group = self.group if shard_group == "session" else shard_group
+        assert not isinstance(group, str)
+        rows = [local, local] if with_sum else [local]
+        return reduce_scatter_rows(rows, group_rank_and_size(group)[1], group, square=(0,))
 
     # -- capture side: matrices (nuclear) ---------------------------------------------------------
     def add_matrices(
