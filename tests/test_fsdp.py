@@ -345,3 +345,23 @@ def test_fsdp2_data_parallel_submesh_measures_its_own_ranks():
         assert got.noise == pytest.approx(want.noise, rel=1e-5)
         assert got.signal == pytest.approx(want.signal, rel=1e-5)
     assert results[0][0].noise == results[1][0].noise != results[2][0].noise
+
+
+def _checkpoint_step_worker(rank, world_size):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = _wrap(Net(), {})
+    opt = _optimizer("l2", model)
+    monitor = attach(model, GNSConfig(norm="l2", interval=1), opt, micro_batch_size=MICRO)
+    # torch initialises a fresh optimizer's state with a zero-lr step on zero gradients
+    get_optimizer_state_dict(model, opt)
+    before = (monitor.step, monitor.samples)
+    for micro in monitor.micro_steps():
+        with micro:
+            _loss(model, *_batch(rank, 0, micro.index)).backward()
+    opt.step()
+    return before, (monitor.step, monitor.samples), monitor.last_estimate is not None
+
+
+def test_optimizer_state_initialisation_step_is_not_a_training_step():
+    assert spawn(_checkpoint_step_worker, 2) == [((0, 0), (1, MICRO * 2), True)] * 2

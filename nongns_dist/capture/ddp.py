@@ -171,7 +171,11 @@ def gns_allreduce_hook(
 ) -> torch.futures.Future[torch.Tensor]:
     """The DDP comm hook: ``allreduce_hook`` plus, on measuring steps, gradient statistics."""
     session = state.session
-    record = state._capture(session, bucket) if session is not None and session.armed else None
+    record = None
+    if session is not None:
+        session.reductions += 1
+        if session.armed:
+            record = state._capture(session, bucket)
     tensor = bucket.buffer()
     tensor.div_(state.world_size)  # as allreduce_hook: divide first (fp16 overflow)
     future = dist.all_reduce(tensor, group=state.group, async_op=True).get_future()

@@ -239,6 +239,8 @@ def gns_fsdp_hook(
     """The FSDP1 comm hook: sharded strategies call it with (padded local grad, output shard),
     NO_SHARD with the grad alone (reduced in place)."""
     session = state.capture.session
+    if session is not None:
+        session.reductions += 1
     if session is not None and session.armed:
         state.measure(session, grad, output)
     else:

@@ -230,6 +230,8 @@ class FSDP2Capture:
     def _hook(self, unit: _Unit) -> Callable[[torch.Tensor], None]:
         def all_reduce_hook(output: torch.Tensor) -> None:
             session = self.session
+            if session is not None:
+                session.reductions += 1
             if session is not None and session.armed:
                 self._measure(session, unit, output)
             if unit.user_hook is not None:

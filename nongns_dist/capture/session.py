@@ -98,6 +98,9 @@ class MeasurementSession:
         self.sample_size = 0
         #: Counts arm() calls: a backend tells one measuring step from the next by it.
         self.step_token = 0
+        #: Gradient reductions the backend saw (every step, measuring or not): the driver tells
+        #: a training step from an optimizer.step() without backward by it.
+        self.reductions = 0
         self._partial: torch.Tensor | None = None
 
     # -- the sample rule -------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class GNSMonitor(StepCore):
         lr = LRMultiplier(optimizer) if optimizer is not None else None
         super().__init__(config, controller, session if self.can_measure else None, lr)
         self.measuring_allowed = lambda: not self._needs_synced_first_step()
+        self._reductions_at_close = 0
         if self.can_measure:
             capture.install(session)
         self._step_hook = (
@@ -154,12 +155,23 @@ class GNSMonitor(StepCore):
 
     # -- the step boundary ------------------------------------------------------------------------
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        session = self.session
+        if session is not None and session.reductions == self._reductions_at_close:
+            # No gradient was reduced since the last step: not a training step. This is what
+            # torch.distributed.checkpoint's get/set_optimizer_state_dict do to a fresh
+            # optimizer (a zero-lr step on zero gradients); counting it would add a batch of
+            # samples that was never trained on.
+            logger.debug("optimizer.step() without a gradient reduction: step not counted")
+            return
         self.step_done()
 
     def step_done(self) -> BatchDecision:
         """Close the optimizer step: count its samples, feed a measurement to the controller and
         apply its decision (accumulation count, lr multiplier). Called by the optimizer's step
-        post-hook when ``attach`` got the optimizer; call it yourself otherwise."""
+        post-hook when ``attach`` got the optimizer; call it yourself otherwise (and for a step
+        the optimizer skipped, e.g. a GradScaler overflow, so that its samples are counted)."""
+        if self.session is not None:
+            self._reductions_at_close = self.session.reductions
         return self.close_step()
 
     def detach(self) -> None:
