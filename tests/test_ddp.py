@@ -302,6 +302,21 @@ def test_single_rank_trains_without_measuring():
 # -- collectives stay inside the data-parallel group ---------------------------------------------
 
 
+def one_step_against_reference(model, monitor, opt, reference, rank, group):
+    """One optimizer step of ``model``; returns its estimate and ``estimate_gns`` on the local
+    gradients of the ranks of ``group``, recomputed on ``reference`` (the unwrapped model)."""
+    norms = {t.name: t.norm for t in monitor.plan.params}
+    _loss(reference, *_batch(rank, 0, 0)).backward()
+    local = {n: p.grad.detach().double() for n, p in reference.named_parameters() if n in norms}
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, local, group=group)
+    for micro in monitor.micro_steps():
+        with micro:
+            _loss(model, *_batch(rank, 0, micro.index)).backward()
+    opt.step()
+    return monitor.last_estimate, estimate_gns(gathered, MICRO, norms)
+
+
 def _groups_worker(rank, world_size, norm):
     # ranks {0, 2} and {1, 3}: two data-parallel groups, as beside tensor parallelism
     groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
@@ -313,16 +328,7 @@ def _groups_worker(rank, world_size, norm):
     opt = _make_optimizer("signum", module)
     cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False, check_consistency=True)
     monitor = attach(ddp, cfg, opt, micro_batch_size=MICRO)
-    norms = {t.name: t.norm for t in monitor.plan.params}
-    _loss(reference, *_batch(rank, 0, 0)).backward()
-    local = {n: p.grad.detach().double() for n, p in reference.named_parameters() if n in norms}
-    gathered = [None] * 2
-    dist.all_gather_object(gathered, local, group=group)
-    for micro in monitor.micro_steps():
-        with micro:
-            _loss(ddp, *_batch(rank, 0, micro.index)).backward()
-    opt.step()
-    return monitor.last_estimate, estimate_gns(gathered, MICRO, norms)
+    return one_step_against_reference(ddp, monitor, opt, reference, rank, group)
 
 
 @pytest.mark.parametrize("norm", ["l1", "nuclear"])

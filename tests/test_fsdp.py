@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 from nongns_dist import GNSConfig, attach, estimate_gns
 
 from .distributed import spawn
-from .test_ddp import MICRO, Net, _batch, _check_equal, _loss
+from .test_ddp import MICRO, Net, _batch, _check_equal, _loss, one_step_against_reference
 
 pytestmark = pytest.mark.distributed
 
@@ -326,16 +326,7 @@ def _tp_dp_worker(rank, world_size):
     fully_shard(module, mesh=mesh["dp"])
     opt = _optimizer("auto", module)
     monitor = attach(module, GNSConfig(norm="auto", interval=1), opt, micro_batch_size=MICRO)
-    norms = {t.name: t.norm for t in monitor.plan.params}
-    _loss(reference, *_batch(rank, 0, 0)).backward()
-    local = {n: p.grad.detach().double() for n, p in reference.named_parameters() if n in norms}
-    gathered = [None] * 2
-    dist.all_gather_object(gathered, local, group=mesh["dp"].get_group())
-    for micro in monitor.micro_steps():
-        with micro:
-            _loss(module, *_batch(rank, 0, micro.index)).backward()
-    opt.step()
-    return monitor.last_estimate, estimate_gns(gathered, MICRO, norms)
+    return one_step_against_reference(module, monitor, opt, reference, rank, mesh["dp"].get_group())
 
 
 def test_fsdp2_data_parallel_submesh_measures_its_own_ranks():
