@@ -133,6 +133,8 @@ def _identity_and_sequence(rank, world, stage, checkpoint_dir):
     sequence, seen = [2, 3, 3, 1, 4], []
     for acc in sequence:
         engine.nongns.set_accumulation_steps(acc)
+        # the override's step runs with the multiplier of its own batch (B0: 2 micro-steps)
+        assert engine.nongns.lr_multiplier.value == pytest.approx((acc / 2) ** 0.5)
         seen += _train(engine, rank, [acc])
     samples = engine.nongns.samples
     # 3. save at step k, load in a fresh engine: batch, multiplier and EMAs continue identically
