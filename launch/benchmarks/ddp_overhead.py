@@ -220,6 +220,7 @@ def main() -> None:
             train_step(cfg, batch(), measuring=name[0] == "paper")
         if name[0] == "ours":  # realign so each timed window starts on a measuring step
             cfg["monitor"].controller.step = 0
+            cfg["monitor"].arm()  # measuring steps are armed at the step boundary
 
     bytes_table: dict[str, tuple[int, float]] = {}
     for name, cfg in configs.items():
@@ -229,6 +230,7 @@ def main() -> None:
             bytes_table[f"{name[0]} {name[1]}"] = (counter.handed, counter.received)
             if name[0] == "ours":
                 cfg["monitor"].controller.step = 0
+                cfg["monitor"].arm()
 
     for _ in range(args.rounds):
         for name, cfg in configs.items():

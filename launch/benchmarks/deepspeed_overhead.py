@@ -75,6 +75,7 @@ def main() -> None:
             step(engine)
         if hasattr(engine, "nongns"):
             engine.nongns.controller.step = 0
+            engine.nongns.arm()  # measuring steps are armed at the step boundary
     for _ in range(args.rounds):
         for name, engine in engines.items():
             dist.barrier()
