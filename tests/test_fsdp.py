@@ -173,6 +173,12 @@ def test_fsdp2_options_estimate_equals_reference(options):
     _check_equal(spawn(_equality_worker, 2, "auto", acc, options), rtol=1e-5)
 
 
+def test_fsdp2_and_fsdp1_on_four_ranks():
+    _check_equal(spawn(_equality_worker, 4, "auto", 2, {}), rtol=1e-5)
+    options = {"engine": "fsdp1", "strategy": "FULL_SHARD", "orig_params": True}
+    _check_equal(spawn(_equality_worker, 4, "auto", 1, options), rtol=1e-5)
+
+
 def test_fsdp2_hsdp_on_four_ranks():
     # 2 replicas x 2 shards: squares reduce-scattered over the shard group, then all-reduced
     # over the replicas; Grams over all four ranks
