@@ -11,8 +11,8 @@ On a measuring step, for each bucket, before its gradients are overwritten by th
   rank receives sum_r g_r^2 on 1/R of the bucket only;
 * the bucket is averaged exactly like ``allreduce_hook``.
 A bucket is finished (squares summed, Grams of G_r - G sent to owners and square-rooted there,
-copies dropped) when the next bucket arrives or at the end of backward, whichever is first: at
-most two buckets' copies are alive, however many layers the model has.
+copies dropped) when the next bucket arrives, before that one is copied, or at the end of
+backward: one bucket's copies are alive at a time, however many layers the model has.
 """
 
 from __future__ import annotations
