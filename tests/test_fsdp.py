@@ -362,3 +362,24 @@ def _checkpoint_step_worker(rank, world_size):
 
 def test_optimizer_state_initialisation_step_is_not_a_training_step():
     assert spawn(_checkpoint_step_worker, 2) == [((0, 0), (1, MICRO * 2), True)] * 2
+
+
+def _two_backwards_worker(rank, world_size, engine):
+    model = _wrap(Net(), {"engine": engine})
+    opt = _optimizer("l1", model)
+    monitor = attach(model, GNSConfig(norm="l1", interval=2), opt, micro_batch_size=MICRO)
+    with pytest.raises(RuntimeError, match="more than one synchronised backward"):
+        for micro in range(2):  # accumulation with the sync left on: not per-rank samples
+            _loss(model, *_batch(rank, 0, micro)).backward()
+    monitor.session.disarm()
+    opt.zero_grad()
+    held = 0
+    if engine == "fsdp2":  # a step that does not measure keeps no reduce-scatter buffer
+        _loss(model, *_batch(rank, 1, 0)).backward()
+        held = sum(len(unit.comm._buffers) for unit in monitor.capture.units)
+    return held
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+def test_second_synchronised_backward_in_a_measuring_step_is_refused(engine):
+    assert spawn(_two_backwards_worker, 2, engine) == [0, 0]

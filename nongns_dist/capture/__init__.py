@@ -2,7 +2,8 @@
 
 ``plan`` (who is measured in which norm, matrix owners), ``session`` (the sample rule, the
 partial sums, streaming to owners, the one all-reduce), ``collectives`` (the extra reductions),
-``base`` (the backend interface); ``ddp``, ``deepspeed``: one backend each.
+``base`` (the backend interface); ``ddp``, ``fsdp1``, ``fsdp2``, ``deepspeed``: one backend
+each.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ __all__ = [
     "reduce_scatter_rows",
     "reduce_to_owners",
     "triangle_to_gram",
+    "upper_triangle",
 ]
 
 
@@ -85,11 +86,14 @@ def _upper(size: int, device: torch.device) -> torch.Tensor:
     return torch.ones(size, size, dtype=torch.bool, device=device).triu_()
 
 
-def gram_triangle(matrix: torch.Tensor) -> torch.Tensor:
-    """Upper triangle of ``matrix @ matrix.T``, row by row, as a flat tensor (the Gram is
-    symmetric: half the bytes travel)."""
-    gram = matrix @ matrix.T
+def upper_triangle(gram: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a symmetric matrix, row by row, flat: half the bytes travel."""
     return gram[_upper(gram.shape[0], gram.device)]
+
+
+def gram_triangle(matrix: torch.Tensor) -> torch.Tensor:
+    """``upper_triangle(matrix @ matrix.T)``."""
+    return upper_triangle(matrix @ matrix.T)
 
 
 def triangle_to_gram(upper: torch.Tensor, size: int) -> torch.Tensor:

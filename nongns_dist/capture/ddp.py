@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, group_kinds, plan_entries
-from nongns_dist.capture.session import MeasurementSession, SampleKind
+from nongns_dist.capture.session import MeasurementSession, SampleKind, exact_sum_travels
 
 __all__ = ["DDPCapture", "gns_allreduce_hook"]
 
@@ -33,8 +33,8 @@ __all__ = ["DDPCapture", "gns_allreduce_hook"]
 class DDPCapture:
     """The DDP backend; also the comm hook's state (pickling drops the group and session)."""
 
-    __slots__ = ("_finished_token", "_records", "device", "group", "model", "sample_kind",
-                 "session", "tracked", "world_size")  # fmt: skip
+    __slots__ = ("_records", "device", "group", "model", "sample_kind", "session", "tracked",
+                 "world_size")  # fmt: skip
 
     def __init__(self, model: DistributedDataParallel, group: dist.ProcessGroup | None) -> None:
         # -- wiring ----------------------------------------------------------------------------
@@ -48,7 +48,6 @@ class DDPCapture:
         self.tracked: dict[int, TrackedParam] = {}  # id(param) -> plan entry
         # -- the measuring step in flight ------------------------------------------------------
         self._records: list[_BucketRecord] = []  # buckets not finished yet
-        self._finished_token = -1  # session.step_token of the last finished backward
 
     # -- GradientCapture -----------------------------------------------------------------------
     def plan_entries(self, norm: str, optimizer: torch.optim.Optimizer | None) -> list[PlanEntry]:
@@ -80,11 +79,7 @@ class DDPCapture:
 
     # -- measuring -----------------------------------------------------------------------------
     def _capture(self, session: MeasurementSession, bucket: dist.GradBucket) -> _BucketRecord:
-        if self._finished_token == session.step_token:
-            raise RuntimeError(
-                "a measuring step ran more than one synchronised backward; run the micro-steps "
-                "through monitor.micro_steps() so that all but the last use no_sync()"
-            )
+        session.claim(("ddp bucket", bucket.index()))
         if not self._records:
             # The first bucket of this backward: finish the rest at its end (after DDP's own
             # finalize callback, queued at the first gradient) and before clipping can run.
@@ -105,11 +100,9 @@ class DDPCapture:
                 record.coords.append((tracked, start, end))
             start = end
         if record.coords:
-            # Below float32 the all-reduced mean is too coarse for Q - n g^2, so the float32
-            # local gradient travels with its squares and rank r gets an exact sum S as well.
-            record.with_sum = buffer.dtype not in (torch.float32, torch.float64)
+            record.with_sum = exact_sum_travels(buffer.dtype)
             record.squares_work, record.received, record.squares, record.chunk = (
-                session.reduce_squares(buffer, with_sum=record.with_sum)
+                session.reduce_squares(buffer)
             )
         self._records.append(record)
         return record
@@ -143,7 +136,6 @@ class DDPCapture:
     def _end_of_backward(self) -> None:
         if self._records and self.session is not None:
             self._finish_buckets()
-            self._finished_token = self.session.step_token
 
 
 class _BucketRecord:

@@ -106,7 +106,6 @@ class DeepSpeedCapture:
         self.session: MeasurementSession | None = None
         self._accumulator: SampleAccumulator | None = None
         self._tracked: dict[int, TrackedParam] = {}
-        self._accumulation_steps: Callable[[], int] = lambda: 1
 
     # -- GradientCapture -----------------------------------------------------------------------
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
@@ -140,11 +139,9 @@ class DeepSpeedCapture:
     def remove(self) -> None:
         self.session = None
 
-    def install(self, session: MeasurementSession, accumulation_steps: Callable[[], int]) -> None:
-        """Start feeding ``session``; ``accumulation_steps`` gives the current step's count
-        (ZeRO-2/3 samples are undivided by it)."""
+    def install(self, session: MeasurementSession) -> None:
+        """Start feeding ``session`` whenever it is armed."""
         self.session = session
-        self._accumulation_steps = accumulation_steps
         for name, param in self.named_parameters():
             tracked = session.plan.get(name)
             if tracked is not None:
@@ -168,6 +165,11 @@ class DeepSpeedCapture:
         if self._accumulator is None:
             self._accumulator = SampleAccumulator(session)
         self._accumulator.add(tracked, grad * (factor / _loss_scale(self.engine)))
+
+    def _undivide(self) -> int:
+        # DeepSpeed divides each micro-step's loss by the accumulation count of the step the
+        # session was armed for
+        return self.session.accumulation_steps if self.session is not None else 1
 
     def _measuring(self) -> bool:
         return self.session is not None and self.session.armed
@@ -194,7 +196,7 @@ class DeepSpeedCapture:
 
             def reduce_ready(param: torch.Tensor, i: int, *args: Any, **kwargs: Any) -> Any:
                 if self._measuring() and id(param) in self._tracked:
-                    factor = self._accumulation_steps() if per_micro else 1
+                    factor = self._undivide() if per_micro else 1
                     self._add(param, optimizer.get_gradient_for_reduction(param), factor)
                 return original(param, i, *args, **kwargs)
 
@@ -205,7 +207,7 @@ class DeepSpeedCapture:
 
         def reduce_ready_3(param: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if self._measuring():
-                self._add(param, param.grad, self._accumulation_steps())
+                self._add(param, param.grad, self._undivide())
             return original(param, *args, **kwargs)
 
         optimizer.reduce_ready_partitions_and_remove_grads = reduce_ready_3

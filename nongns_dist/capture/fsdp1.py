@@ -29,7 +29,12 @@ from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
 from nongns_dist.capture.collectives import all_gather
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, clean_fqn, group_kinds, plan_entries
-from nongns_dist.capture.session import MeasurementSession, SampleKind, group_rank_and_size
+from nongns_dist.capture.session import (
+    MeasurementSession,
+    SampleKind,
+    exact_sum_travels,
+    group_rank_and_size,
+)
 
 __all__ = ["FSDP1Capture", "gns_fsdp_hook"]
 
@@ -44,7 +49,7 @@ class _Segment(NamedTuple):
     start: int  # flat offsets [start, end)
     end: int
     trainable: bool
-    owner: torch.Tensor  # the object the optimizer holds: original param or FlatParameter
+    optimizer_param: torch.Tensor  # what the optimizer holds: original param or FlatParameter
 
 
 class FSDP1Capture:
@@ -104,15 +109,15 @@ class FSDP1Capture:
     def plan_entries(self, norm: str, optimizer: torch.optim.Optimizer | None) -> list[PlanEntry]:
         # ``plan_entries`` reads names, shapes, requires_grad and ids: meta tensors stand in for
         # the original parameters, which a FlatParameter does not expose as tensors.
-        owner_kinds = group_kinds(optimizer, norm) if optimizer is not None else None
+        optimizer_kinds = group_kinds(optimizer, norm) if optimizer is not None else None
         views: list[tuple[str, torch.Tensor]] = []
         kinds: dict[int, str | None] = {}
         for segment in (s for segments in self.layout.values() for s in segments):
             view = torch.empty(segment.shape, device="meta", requires_grad=segment.trainable)
             views.append((segment.name, view))
-            if owner_kinds is not None:
-                kinds[id(view)] = owner_kinds.get(id(segment.owner))
-        return plan_entries(views, norm, kinds if owner_kinds is not None else None)
+            if optimizer_kinds is not None:
+                kinds[id(view)] = optimizer_kinds.get(id(segment.optimizer_param))
+        return plan_entries(views, norm, kinds if optimizer_kinds is not None else None)
 
     def install(self, session: MeasurementSession) -> None:
         self.session = session
@@ -164,7 +169,7 @@ class FSDP1Capture:
 class _UnitState:
     """Comm hook state of one FSDP unit: its group, FSDP's own division factors, its layout."""
 
-    __slots__ = ("capture", "coords", "default", "group", "matrices", "measured_token", "rank")
+    __slots__ = ("capture", "coords", "default", "group", "matrices", "rank")
 
     def __init__(
         self,
@@ -185,8 +190,6 @@ class _UnitState:
         # -- layout: trainable tracked parameters by flat offset -------------------------------
         self.coords = coords  # l1/l2
         self.matrices = matrices  # nuclear
-        # -- internal state --------------------------------------------------------------------
-        self.measured_token = -1  # session.step_token of the last measured reduction
 
     def reduce(self, grad: torch.Tensor, output: torch.Tensor | None) -> None:
         """FSDP's default reduction, exactly (pre-divides ``grad`` in place)."""
@@ -198,20 +201,14 @@ class _UnitState:
     def measure(
         self, session: MeasurementSession, grad: torch.Tensor, output: torch.Tensor | None
     ) -> None:
-        if self.measured_token == session.step_token:
-            raise RuntimeError(
-                "a measuring step ran more than one synchronised backward; run the micro-steps "
-                "through monitor.micro_steps() so that all but the last use no_sync()"
-            )
-        self.measured_token = session.step_token
+        session.claim(self)
         world = session.world_size
         if output is not None and grad.numel() != world * output.numel():
             raise RuntimeError(f"FSDP1 shard of {output.numel()} for {grad.numel()} elements")
         squares = None
-        # Below float32 the reduced mean is too coarse for Q - n g^2: the sum travels too.
-        with_sum = grad.dtype not in (torch.float32, torch.float64)
+        with_sum = exact_sum_travels(grad.dtype)
         if self.coords:  # padded to a multiple of the group: the chunks are FSDP's shards
-            squares = session.reduce_squares(grad, with_sum=with_sum)
+            squares = session.reduce_squares(grad)
         local = [grad[a:b].clone() for _, a, b in self.matrices]
         self.reduce(grad, output)  # NO_SHARD: ``grad`` now holds the mean
         if squares is not None:

@@ -5,7 +5,8 @@ Per-rank samples (DESIGN.md section 2): the driver accumulates micro-steps with
 ``set_requires_gradient_sync(False)``, so on the sync step each unit's reduce-scatter input holds
 this rank's gradient accumulated over its local batch, in the reduce dtype.
 
-Facts of torch 2.13 used here (private attributes, checked at install):
+Facts of torch 2.13 used here (private attributes; the layout is checked on every measuring
+step, and a mismatch is an error, not a wrong estimate):
 * ``set_custom_reduce_scatter(comm)`` per FSDP module with parameters; FSDP calls
   ``comm.allocate`` for the input, then for the output, then (only when the shard group has more
   than one rank) ``comm(output_tensor=, input_tensor=, group=, op=)``. The comm passes everything
@@ -37,7 +38,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from nongns_dist.capture.collectives import all_gather
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, group_kinds, plan_entries
-from nongns_dist.capture.session import MeasurementSession, SampleKind
+from nongns_dist.capture.session import MeasurementSession, SampleKind, exact_sum_travels
 
 __all__ = ["FSDP2Capture"]
 
@@ -93,18 +94,23 @@ def _unchunk(rows: torch.Tensor, fsdp_param: Any) -> torch.Tensor:
 
 
 class _KeepInput:
-    """A reduce-scatter that is the one it wraps, and remembers its last input buffer."""
+    """A reduce-scatter that is the one it wraps, and, while ``keep`` is set (a measuring
+    backward), remembers its input buffer; otherwise it holds nothing past the reduction."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self.keep = False
         self._buffers: list[torch.Tensor] = []
-        self.input: torch.Tensor | None = None
 
     def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         buffer = self.inner.allocate(size, dtype=dtype, device=device)
-        # FSDP allocates the input, then the output, of each reduction
-        self._buffers = [*self._buffers, buffer][-2:]
+        if self.keep:  # FSDP allocates the input, then the output, of each reduction
+            self._buffers = [*self._buffers, buffer][-2:]
         return buffer
+
+    def release(self) -> None:
+        self._buffers = []
+        self.keep = False
 
     def take_input(self, output: torch.Tensor, shards: int) -> torch.Tensor:
         buffer = self._buffers[0] if len(self._buffers) == 2 else None
@@ -113,7 +119,6 @@ class _KeepInput:
                 "FSDP2 did not allocate its reduce-scatter buffers as nongns_dist expects "
                 f"(torch {torch.__version__}); supported: torch 2.9 to 2.13"
             )
-        self._buffers = []
         return buffer
 
     def __call__(
@@ -210,6 +215,7 @@ class FSDP2Capture:
         def recording_post_backward(*args: Any) -> Any:
             # which parameters reach the reduce-scatter: the same test FSDP makes, just before
             if self.session is not None and self.session.armed and param_group.reduce_grads:
+                unit.comm.keep = True
                 unit.with_grad = [
                     p
                     for p in param_group.fsdp_params
@@ -232,8 +238,11 @@ class FSDP2Capture:
             session = self.session
             if session is not None:
                 session.reductions += 1
-            if session is not None and session.armed:
-                self._measure(session, unit, output)
+            try:
+                if session is not None and session.armed:
+                    self._measure(session, unit, output)
+            finally:
+                unit.comm.release()
             if unit.user_hook is not None:
                 unit.user_hook(output)
 
@@ -245,7 +254,12 @@ class FSDP2Capture:
         shard_group = _shard_group(param_group)
         replicate_group = _replicate_group(param_group)
         shards = shard_group.size() if shard_group is not None else 1
+        session.claim(unit)
         local_flat = unit.comm.take_input(output, shards)
+        if local_flat.device.type != "cpu":
+            # read on the all-reduce stream, while FSDP frees the buffer after the reduce-scatter
+            # stream's event: keep the allocator from reusing it before these reads
+            local_flat.record_stream(torch.accelerator.current_stream(local_flat.device))
         pre, post = _divide_factors(param_group, local_flat.dtype)
         fsdp_params, unit.with_grad = unit.with_grad, []
         widths = [_slot_width(p, shards) for p in fsdp_params]
@@ -293,12 +307,11 @@ class FSDP2Capture:
         replicate_group: dist.ProcessGroup | None,
     ) -> None:
         # Squares in the same chunks as the gradient: rank r receives sum_s g_s^2 on its chunk.
-        # Below float32 the float32 local gradient travels too, for an exact sum S.
-        with_sum = local_rows.dtype not in (torch.float32, torch.float64)
+        with_sum = exact_sum_travels(local_rows.dtype)
         shards = local_rows.shape[0]
         if shards > 1:
             work, received, _packed, _ = session.reduce_squares(
-                local_rows.reshape(-1), with_sum=with_sum, shard_group=shard_group
+                local_rows.reshape(-1), shard_group=shard_group
             )
             work.wait()
         else:

@@ -24,8 +24,9 @@ __all__ = [
     "plan_entries",
 ]
 
-#: Prefixes wrappers put into ``named_parameters`` names (DDP, FSDP1, activation checkpointing,
-#: ``torch.compile``), removed wherever they occur.
+#: Prefixes wrappers put into ``named_parameters`` names (FSDP1, activation checkpointing,
+#: ``torch.compile``), removed wherever they occur. (DDP's ``module.`` is not one: its backend
+#: names the wrapped module's parameters.)
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 #: (cleaned name, shape of the full unsharded parameter, norm or None for "not measured")

@@ -18,7 +18,8 @@ Matrices are finished as they arrive: each rank forms the float64 Gram of its de
 the mean, the upper triangles go to the matrix's owner only (``reduce_to_owners``), the owner
 takes both square-root traces and keeps two scalars. Extra memory is bounded by
 ``triangle_budget`` float64 elements per reduction plus one matrix's temporaries, whatever the
-number of layers.
+number of layers. (``SampleAccumulator``, for samples that arrive over micro-steps, keeps its
+sums until the step's end instead: that memory does grow with the model.)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from nongns_dist.capture.collectives import (
     reduce_scatter_rows,
     reduce_to_owners,
     triangle_to_gram,
+    upper_triangle,
 )
 from nongns_dist.capture.plan import MeasurementPlan, TrackedParam
 from nongns_dist.config import GNSConfig
@@ -47,11 +49,23 @@ from nongns_dist.estimators import (
 )
 from nongns_dist.norms import as_matrix
 
-__all__ = ["MeasurementSession", "SampleAccumulator", "SampleKind", "group_rank_and_size"]
+__all__ = [
+    "MeasurementSession",
+    "SampleAccumulator",
+    "SampleKind",
+    "exact_sum_travels",
+    "group_rank_and_size",
+]
 
 logger = logging.getLogger("nongns_dist")
 
 SampleKind = Literal["rank", "micro"]
+
+
+def exact_sum_travels(dtype: torch.dtype) -> bool:
+    """Below float32 the reduced mean is too coarse for Q - n g^2: the float32 local gradient
+    then travels with its squares, so each rank gets an exact sum S of its chunk as well."""
+    return dtype not in (torch.float32, torch.float64)
 
 
 def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -96,11 +110,12 @@ class MeasurementSession:
         # -- the measuring step in flight --------------------------------------------------------
         self.num_samples = 0
         self.sample_size = 0
-        #: Counts arm() calls: a backend tells one measuring step from the next by it.
-        self.step_token = 0
-        #: Gradient reductions the backend saw (every step, measuring or not): the driver tells
-        #: a training step from an optimizer.step() without backward by it.
+        self.accumulation_steps = 0
+        #: Gradient reductions seen by backends that count them (DDP, FSDP; every step,
+        #: measuring or not): the driver tells a training step from an optimizer.step() without
+        #: backward by it.
         self.reductions = 0
+        self._claimed: set[object] = set()  # reductions already measured in this step
         self._partial: torch.Tensor | None = None
 
     # -- the sample rule -------------------------------------------------------------------------
@@ -113,6 +128,22 @@ class MeasurementSession:
     def can_measure(self, accumulation_steps: int) -> bool:
         return self.sample_counts(accumulation_steps)[0] >= 2
 
+    @property
+    def can_ever_measure(self) -> bool:
+        """Whether some accumulation count gives the 2 samples a variance needs."""
+        return self.sample_kind == "micro" or self.world_size >= 2
+
+    def claim(self, reduction: object) -> None:
+        """A per-rank backend reports that it measures ``reduction`` (a bucket, an FSDP unit).
+        The same one twice in one measuring step means a second synchronised backward, whose
+        gradients are not this step's per-rank samples: refused rather than mixed in."""
+        if reduction in self._claimed:
+            raise RuntimeError(
+                "a measuring step ran more than one synchronised backward; run the micro-steps "
+                "through monitor.micro_steps() so that all but the last skip the gradient sync"
+            )
+        self._claimed.add(reduction)
+
     # -- driver side -----------------------------------------------------------------------------
     @property
     def armed(self) -> bool:
@@ -122,7 +153,8 @@ class MeasurementSession:
         """Begin a measuring step of ``accumulation_steps`` micro-steps; False (not armed) when
         it would have fewer than the 2 samples a variance needs."""
         self.num_samples, self.sample_size = self.sample_counts(accumulation_steps)
-        self.step_token += 1
+        self.accumulation_steps = accumulation_steps
+        self._claimed.clear()
         if self.num_samples < 2:
             self._partial = None
             return False
@@ -204,20 +236,15 @@ class MeasurementSession:
                 self.add_coordinates(tracked, mean[a - lo : b - lo], squares[a - lo : b - lo])
 
     def reduce_squares(
-        self,
-        local: torch.Tensor,
-        *,
-        with_sum: bool = False,
-        shard_group: dist.ProcessGroup | str | None = "session",
+        self, local: torch.Tensor, *, shard_group: dist.ProcessGroup | None = None
     ) -> tuple[Any, torch.Tensor, torch.Tensor, int]:
-        """Start the reduce-scatter of the squares of a flat local gradient (and of the gradient
-        itself when ``with_sum``: below float32 the reduced mean is too coarse for Q - n g^2),
-        in the chunks the gradient itself is reduce-scattered in: over ``shard_group`` (default:
-        the session's group; HSDP: the shard group). Returns (work, received rows, packed input
-        to keep alive until the work completes, chunk)."""
-        group = self.group if shard_group == "session" else shard_group
-        assert not isinstance(group, str)
-        rows = [local, local] if with_sum else [local]
+        """Start the reduce-scatter of the squares of a flat local gradient, in the chunks the
+        gradient itself is reduce-scattered in, over ``shard_group`` (None: the session's group;
+        HSDP passes its shard group). Row 1 of what is received is the exact float32 sum of the
+        gradient where ``exact_sum_travels(local.dtype)``. Returns (work, received rows, packed
+        input to keep alive until the work completes, chunk)."""
+        group = self.group if shard_group is None else shard_group
+        rows = [local, local] if exact_sum_travels(local.dtype) else [local]
         return reduce_scatter_rows(rows, group_rank_and_size(group)[1], group, square=(0,))
 
     # -- capture side: matrices (nuclear) ---------------------------------------------------------
@@ -378,7 +405,7 @@ class SampleAccumulator:
                     if gram is None:  # no gradient on this rank (unused parameter): zeros
                         yield zeros(t.triangle_size)
                     else:
-                        yield gram[torch.ones_like(gram, dtype=torch.bool).triu_()]
+                        yield upper_triangle(gram)
 
             common = {"world_size": s.world_size, "rank": s.rank, "group": s.group}
             owned_grams = reduce_to_owners(

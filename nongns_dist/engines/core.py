@@ -39,9 +39,13 @@ class StepCore(ControllerReadout):
         session: MeasurementSession | None,
         lr_multiplier: LRMultiplier | None,
         *,
+        group: dist.ProcessGroup | None,
+        device: torch.device,
         on_events: Callable[[list[Event]], None] | None = None,
     ) -> None:
         self.config = config
+        self.group = group  # the data-parallel group: decisions are checked across it
+        self.device = device
         self.controller = controller
         self.session = session  # None: nothing can be measured (the batch stays constant)
         self.lr_multiplier = lr_multiplier
@@ -105,14 +109,12 @@ class StepCore(ControllerReadout):
         self.arm()
 
     def _check_consistency(self, decision: BatchDecision) -> None:
-        session = self.session
-        group = session.group if session is not None else None
+        group = self.group
         if not dist.is_initialized() or dist.get_world_size(group) == 1:
             return
-        device = session.device if session is not None else torch.device("cpu")
         mine = torch.tensor(
             [decision.batch_size, self.controller.step, self.controller.samples,
-             decision.lr_multiplier], dtype=torch.float64, device=device,
+             decision.lr_multiplier], dtype=torch.float64, device=self.device,
         )  # fmt: skip
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(everyone, mine, group=group)

@@ -69,9 +69,11 @@ class DeepSpeedGNSPlugin(StepCore):
             controller,
             session,
             LRMultiplier(basic_optimizer(engine)),
+            group=group,
+            device=self.capture.device,
             on_events=self._write_events,
         )
-        self.capture.install(session, lambda: self.controller.accumulation_steps)
+        self.capture.install(session)
         if not session.can_measure(controller.accumulation_steps):
             logger.warning(
                 "nongns_dist: %d rank(s) with %s samples give fewer than the 2 samples a "
@@ -136,16 +138,13 @@ class DeepSpeedGNSPlugin(StepCore):
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"controller": self.controller.state_dict(), "micro_step": self.micro_step}
+        return {**super().state_dict(), "micro_step": self.micro_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.controller.load_state_dict(state["controller"])
+        super().load_state_dict(state)
         self.micro_step = int(state["micro_step"])
         if self.engine.gradient_accumulation_steps() != self.controller.accumulation_steps:
             self.engine.set_train_batch_size(self.controller.batch_size)
-        if self.lr_multiplier is not None:
-            self.lr_multiplier.value = self.controller.lr_multiplier
-        self.arm()
 
     def set_accumulation_steps(self, accumulation_steps: int) -> None:
         """Override the count for the next optimizer step (at a boundary only); its lr

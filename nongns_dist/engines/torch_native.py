@@ -1,4 +1,5 @@
-"""torch-native runtime: ``attach`` a monitor to a DDP model and drive accumulation on the fly.
+"""torch-native runtime: ``attach`` a monitor to a DDP or FSDP model and drive accumulation on
+the fly.
 
     monitor = attach(ddp_model, GNSConfig(norm="auto", interval=100), optimizer,
                      micro_batch_size=8)
@@ -114,9 +115,7 @@ class GNSMonitor(StepCore):
         )
         # Per-rank samples: one rank is one sample, and a variance needs two. Training still
         # runs (the driver, a constant batch); it is said once rather than failing mid-backward.
-        self.can_measure = config.enabled and (
-            capture.sample_kind == "micro" or self.world_size >= 2
-        )
+        self.can_measure = config.enabled and session.can_ever_measure
         if config.enabled and not self.can_measure:
             logger.warning(
                 "nongns_dist: the noise scale needs >= 2 ranks with per-rank samples; with %d "
@@ -125,7 +124,10 @@ class GNSMonitor(StepCore):
                 controller.batch_size,
             )
         lr = LRMultiplier(optimizer) if optimizer is not None else None
-        super().__init__(config, controller, session if self.can_measure else None, lr)
+        super().__init__(
+            config, controller, session if self.can_measure else None, lr,
+            group=capture.group, device=capture.device,
+        )  # fmt: skip
         self.measuring_allowed = lambda: not self._needs_synced_first_step()
         self._reductions_at_close = 0
         if self.can_measure:
@@ -175,7 +177,8 @@ class GNSMonitor(StepCore):
         return self.close_step()
 
     def detach(self) -> None:
-        """Remove the optimizer hooks and stop measuring (DDP cannot unregister a comm hook)."""
+        """Remove the optimizer hooks and stop measuring (DDP and FSDP cannot unregister their
+        comm hooks: those stay, as the default reduction)."""
         if self.lr_multiplier is not None:
             self.lr_multiplier.remove()
         if self._step_hook is not None:
