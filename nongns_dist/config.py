@@ -25,13 +25,15 @@ NORMS = ("l1", "l2", "nuclear", "auto")
 Norm = Literal["l1", "l2", "nuclear", "auto"]
 LRScaling = Literal["sqrt", "linear", "none"]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+#: Counts of samples and steps: exact in the float64 tensors that carry them between ranks.
+MAX_COUNT = 2**53
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
 
 
 @dataclass(
     frozen=True,
     kw_only=True,
-    config=ConfigDict(strict=True, extra="forbid", validate_default=True),
+    config=ConfigDict(strict=True, extra="forbid", validate_default=True, allow_inf_nan=False),
 )
 class GNSConfig:
     """Configuration of noise-scale measurement and adaptive batch sizes.
@@ -71,13 +73,14 @@ class GNSConfig:
     # -- batch-size rule (Algorithm 1) ------------------------------------------------------
     #: Measure every ``interval`` optimizer steps (F in the paper); other steps cost nothing.
     interval: PositiveInt = 100
-    #: Target batch is noise / (theta^2 * signal): smaller theta, larger batches.
-    theta: Annotated[float, Field(gt=0.0)] = 0.6
+    #: Target batch is noise / (theta^2 * signal): smaller theta, larger batches (at most 1e3:
+    #: far above 1 the target is already below any batch, and theta^2 must stay finite).
+    theta: Annotated[float, Field(gt=0.0, le=1e3)] = 0.6
     #: EMA coefficients of the squared noise and signal (bN, bM in the paper).
     ema_beta_noise: Beta = 0.9
     ema_beta_signal: Beta = 0.9
     #: Samples consumed before the batch may grow (I in the paper; they use the lr warm-up).
-    warmup_samples: Annotated[int, Field(ge=0)] = 0
+    warmup_samples: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 0
     #: Global batch of the first step; ``None`` takes the engine's (micro x ranks x accumulation).
     initial_batch_size: PositiveInt | None = None
     #: Cap on the global batch, rounded down to a feasible size; ``None`` means no cap.

@@ -1,0 +1,86 @@
+"""Property-based fuzzing of the config entry points: every value of every field either makes a
+valid config that keeps it, or is a ValueError that names the field; nothing else escapes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nongns_dist.deepspeed as nds
+from nongns_dist import GNSConfig
+from nongns_dist.config import MAX_COUNT
+
+#: Anything a JSON file (or a careless caller) can put in a field.
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["l1", "l2", "nuclear", "auto", "eigh", "newton_schulz", "sqrt", "0.6", ""]),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+FIELDS = sorted(GNSConfig.field_names())
+
+
+def _valid(field: str, value: Any) -> bool:
+    """An independent statement of what each field accepts (the config's docstrings)."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_float = isinstance(value, float) and math.isfinite(value)
+    if field in ("enabled", "adapt_batch_size", "bias_correction", "layer_breakdown",
+                 "check_consistency"):  # fmt: skip
+        return isinstance(value, bool)
+    if field == "norm":
+        return value in ("l1", "l2", "nuclear", "auto")
+    if field == "sqrt_trace_method":
+        return value in ("eigh", "newton_schulz")
+    if field == "lr_scaling":
+        return value in ("sqrt", "linear", "none")
+    if field == "sqrt_trace_tol":
+        return (is_float or is_int) and 0 < value < 1
+    if field == "theta":
+        return (is_float or is_int) and 0 < value <= 1e3
+    if field in ("ema_beta_noise", "ema_beta_signal"):
+        return (is_float or is_int) and 0 <= value < 1
+    if field == "warmup_samples":
+        return is_int and 0 <= value <= MAX_COUNT
+    if field == "interval":
+        return is_int and 0 < value <= MAX_COUNT
+    if field in ("initial_batch_size", "max_batch_size"):
+        return value is None or (is_int and 0 < value <= MAX_COUNT)
+    raise AssertionError(f"no rule for {field}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(FIELDS), value=VALUES)
+def test_from_dict_keeps_valid_values_and_names_the_field_of_bad_ones(field, value):
+    try:
+        config = GNSConfig.from_dict({field: value})
+    except ValueError as error:
+        assert not _valid(field, value), f"{field}={value!r} refused: {error}"
+        assert field in str(error)
+    else:
+        assert _valid(field, value), f"{field}={value!r} accepted"
+        assert getattr(config, field) == value
+
+
+@settings(max_examples=100, deadline=None)
+@given(key=st.text(min_size=1, max_size=12).filter(lambda k: k not in FIELDS), value=VALUES)
+def test_unknown_keys_are_refused_by_name(key, value):
+    with pytest.raises(ValueError, match="unknown key"):
+        GNSConfig.from_dict({"norm": "l1", key: value})
+
+
+@settings(max_examples=100, deadline=None)
+@given(section=VALUES)
+def test_deepspeed_section_of_any_shape_is_a_config_or_a_value_error(section):
+    try:
+        config = nds.read_section({"train_micro_batch_size_per_gpu": 1, "nongns": section})
+    except ValueError:
+        return
+    assert config is None or isinstance(config, GNSConfig)
+    assert section is None or isinstance(section, dict)
