@@ -17,12 +17,10 @@ an eigendecomposition of every matrix on every rank (nuclear).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,47 +28,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from launch.benchmarks.comm_bytes import ByteCounter
 from launch.llama import Llama, LlamaConfig
 from nongns_dist import GNSConfig, attach
 from nongns_dist.norms import as_matrix
 from nongns_dist.optim import Signum
-
-# -- counting bytes by wrapping the collectives ------------------------------------------------
-
-COUNTED = {"all_reduce": 2.0, "reduce_scatter_single": 1.0, "reduce_scatter_tensor": 1.0}
-
-
-class ByteCounter:
-    def __init__(self) -> None:
-        self.on = False
-        self.handed = 0
-        self.received = 0.0
-
-    @contextlib.contextmanager
-    def counting(self) -> Iterator[ByteCounter]:
-        self.on, self.handed, self.received = True, 0, 0.0
-        try:
-            yield self
-        finally:
-            self.on = False
-
-    def install(self) -> None:
-        world = dist.get_world_size()
-        for name, factor in COUNTED.items():
-            original = getattr(dist, name, None)
-            if original is None:
-                continue
-
-            def wrapped(*args: Any, _orig: Any = original, _f: float = factor, **kw: Any) -> Any:
-                tensor = args[1] if _f == 1.0 else args[0]  # reduce-scatter: its input
-                if self.on:
-                    n = tensor.numel() * tensor.element_size()
-                    self.handed += n
-                    self.received += _f * (world - 1) / world * n
-                return _orig(*args, **kw)
-
-            setattr(dist, name, wrapped)
-
 
 # -- the paper's scheme, as a comm hook ----------------------------------------------------------
 
@@ -227,7 +189,8 @@ def main() -> None:
         if name[2] in (0, 1):  # one counted step: plain path for ours-at-plain, measuring else
             with counter.counting():
                 train_step(cfg, batch(), measuring=True)
-            bytes_table[f"{name[0]} {name[1]}"] = (counter.handed, counter.received)
+            total_handed = int(sum(counter.handed.values()))
+            bytes_table[f"{name[0]} {name[1]}"] = (total_handed, sum(counter.received.values()))
             if name[0] == "ours":
                 cfg["monitor"].controller.step = 0
                 cfg["monitor"].arm()

@@ -23,15 +23,13 @@ which names each term (FSDP2's own traffic is float32 all-gathers and reduce-sca
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
 import math
 import os
 import statistics
 import sys
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,24 +39,16 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from launch.benchmarks.comm_bytes import ByteCounter, Bytes
 from launch.llama import Llama, LlamaConfig
 from nongns_dist import GNSConfig, attach
+from nongns_dist.capture.fsdp2 import slot_width, unchunk
 from nongns_dist.engines.torch_native import GNSMonitor
 from nongns_dist.norms import as_matrix
 from nongns_dist.optim import Signum
 
 # -- counting bytes by wrapping the collectives ------------------------------------------------
 
-#: torch.distributed name -> (family, argument holding the tensor the ring model sizes, factor).
-#: The deprecated names call the new ones inside torch, past the wrapper: no double count.
-COUNTED: dict[str, tuple[str, str, float]] = {
-    "all_reduce": ("all-reduce", "tensor", 2.0),
-    "reduce_scatter_single": ("reduce-scatter", "input", 1.0),
-    "reduce_scatter_tensor": ("reduce-scatter", "input", 1.0),
-    "all_gather_single": ("all-gather", "output_tensor", 1.0),
-    "all_gather_into_tensor": ("all-gather", "output_tensor", 1.0),
-    "all_gather": ("all-gather", "tensor_list", 1.0),
-}
 #: What each extra (collective, dtype) of a measuring step is, in either scheme.
 TERMS = {
     ("reduce-scatter", "float32"): "squares of the local gradient, reduce-scattered (float32)",
@@ -68,70 +58,7 @@ TERMS = {
     ("all-reduce", "float64"): "partial sums, one all-reduce (float64)",
 }
 
-Key = tuple[str, str]  # (family, dtype)
-Bytes = dict[Key, float]
-
-
-def _nbytes(value: torch.Tensor | list[torch.Tensor]) -> int:
-    tensors = value if isinstance(value, list) else [value]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-class ByteCounter:
-    def __init__(self) -> None:
-        self.on = False
-        self.handed: Bytes = defaultdict(float)
-        self.received: Bytes = defaultdict(float)
-
-    @contextlib.contextmanager
-    def counting(self) -> Iterator[ByteCounter]:
-        self.on = True
-        self.handed, self.received = defaultdict(float), defaultdict(float)
-        try:
-            yield self
-        finally:
-            self.on = False
-
-    def install(self) -> None:
-        for name, (family, sized, factor) in COUNTED.items():
-            original = getattr(dist, name, None)
-            if original is not None:
-                setattr(dist, name, self._wrap(original, family, sized, factor))
-
-    def _wrap(
-        self, original: Callable[..., Any], family: str, sized: str, factor: float
-    ) -> Callable[..., Any]:
-        signature = inspect.signature(original)
-
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            if self.on:
-                bound = signature.bind(*args, **kwargs).arguments
-                ring = dist.get_world_size(bound.get("group"))
-                value = bound[sized]
-                # an all-gather hands in its input; the others hand in what the model sizes
-                handed = bound.get("input_tensor", bound.get("tensor", value))
-                if family != "all-gather":
-                    handed = value
-                dtype = str((value[0] if isinstance(value, list) else value).dtype)
-                key = (family, dtype.removeprefix("torch."))
-                self.handed[key] += _nbytes(handed)
-                self.received[key] += factor * (ring - 1) / ring * _nbytes(value)
-            return original(*args, **kwargs)
-
-        return wrapped
-
-
 # -- the paper's scheme, as its own FSDP2 reduce-scatter + all-reduce hook ----------------------
-
-
-def _slot_width(size: torch.Size, shards: int) -> int:
-    """Elements of one rank's chunk of a Shard(0) parameter in FSDP2's reduce-scatter buffer."""
-    return math.ceil(size[0] / shards) * math.prod(size[1:])
-
-
-def _unchunk(rows: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """The full Shard(0) tensor from its W chunks ``rows`` (W, width): dim 0 padded, cut."""
-    return rows.reshape(-1, *size[1:])[: size[0]]
 
 
 class PaperScheme:
@@ -178,12 +105,12 @@ class PaperScheme:
 
     # -- nuclear -----------------------------------------------------------------------------
     def start_nuclear(
-        self, local: torch.Tensor, layout: list[tuple[torch.Size, int, int]], group: Any
+        self, local: torch.Tensor, layout: list[tuple[Any, int, int]], group: Any
     ) -> tuple[Any, ...]:
         rows = local.view(group.size(), -1)
         grams = []
-        for size, start, width in layout:
-            g = as_matrix(_unchunk(rows[:, start : start + width], size)).float()
+        for fsdp_param, start, width in layout:
+            g = as_matrix(unchunk(rows[:, start : start + width], fsdp_param)).float()
             grams.append(g @ g.T)
         flat = torch.cat([g.flatten() for g in grams])
         work = dist.all_reduce(flat, group=group, async_op=True)
@@ -192,7 +119,7 @@ class PaperScheme:
     def finish_nuclear(
         self,
         mean: torch.Tensor,
-        layout: list[tuple[torch.Size, int, int]],
+        layout: list[tuple[Any, int, int]],
         group: dist.ProcessGroup,
         pending: tuple[Any, ...],
     ) -> None:
@@ -205,8 +132,8 @@ class PaperScheme:
         work.wait()
         n, b = self.num_samples, self.sample_size
         at = column = 0
-        for size, _, width in layout:
-            g = as_matrix(_unchunk(gathered_rows[:, column : column + width], size)).float()
+        for fsdp_param, _, width in layout:
+            g = as_matrix(unchunk(gathered_rows[:, column : column + width], fsdp_param)).float()
             column += width
             m = g.shape[0]
             gram_sum = flat[at : at + m * m].view(m, m)
@@ -229,16 +156,15 @@ class PaperReduceScatter:
     def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self.inner.allocate(size, dtype=dtype, device=device)
 
-    def _layout(self, numel: int, shards: int) -> list[tuple[torch.Size, int, int]]:
+    def _layout(self, numel: int, shards: int) -> list[tuple[Any, int, int]]:
         """(full size, start column, width) of each matrix in ``input.view(shards, -1)``."""
         layout, column = [], 0
         for fsdp_param in self.param_group.fsdp_params:  # every parameter has a gradient here
             if fsdp_param.fsdp_placement.dim != 0:
                 raise NotImplementedError("the paper's scheme here handles Shard(0) only")
-            size = fsdp_param._orig_size
-            width = _slot_width(size, shards)
-            if len(size) == 2:
-                layout.append((size, column, width))
+            width = slot_width(fsdp_param, shards)
+            if len(fsdp_param._orig_size) == 2:
+                layout.append((fsdp_param, column, width))
             column += width
         if column * shards != numel:
             raise RuntimeError(f"reduce-scatter layout: {numel} elements, {column * shards} known")

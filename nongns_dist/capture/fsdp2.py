@@ -40,7 +40,7 @@ from nongns_dist.capture.collectives import all_gather
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, group_kinds, plan_entries
 from nongns_dist.capture.session import MeasurementSession, SampleKind, exact_sum_travels
 
-__all__ = ["FSDP2Capture"]
+__all__ = ["FSDP2Capture", "slot_width", "unchunk"]
 
 
 def _divide_factors(param_group: Any, reduce_dtype: torch.dtype) -> tuple[float, float]:
@@ -73,7 +73,7 @@ def _replicate_group(param_group: Any) -> dist.ProcessGroup | None:
     return getattr(param_group.mesh_info, "replicate_process_group", None)
 
 
-def _slot_width(fsdp_param: Any, shards: int) -> int:
+def slot_width(fsdp_param: Any, shards: int) -> int:
     """Elements of one rank's chunk of this parameter in the reduce-scatter buffer."""
     size = fsdp_param._orig_size
     if fsdp_param.fsdp_placement.dim == 0:
@@ -81,7 +81,7 @@ def _slot_width(fsdp_param: Any, shards: int) -> int:
     return math.prod(size) // shards
 
 
-def _unchunk(rows: torch.Tensor, fsdp_param: Any) -> torch.Tensor:
+def unchunk(rows: torch.Tensor, fsdp_param: Any) -> torch.Tensor:
     """The full tensor from its W chunks ``rows`` (W, width), as FSDP laid them out."""
     size = fsdp_param._orig_size
     dim = fsdp_param.fsdp_placement.dim
@@ -262,7 +262,7 @@ class FSDP2Capture:
             local_flat.record_stream(torch.accelerator.current_stream(local_flat.device))
         pre, post = _divide_factors(param_group, local_flat.dtype)
         fsdp_params, unit.with_grad = unit.with_grad, []
-        widths = [_slot_width(p, shards) for p in fsdp_params]
+        widths = [slot_width(p, shards) for p in fsdp_params]
         if sum(widths) * shards != local_flat.numel():
             raise RuntimeError(
                 f"FSDP2 reduce-scatter layout: {local_flat.numel()} elements, expected "
@@ -290,9 +290,9 @@ class FSDP2Capture:
                 offsets.append(offsets[-1] + w)
             session.add_matrices(
                 [t for t, _, _, _ in matrices],
-                [_unchunk(local_rows[:, s : s + w], p) for _, p, s, w in matrices],
+                [unchunk(local_rows[:, s : s + w], p) for _, p, s, w in matrices],
                 [
-                    _unchunk(gathered[:, offsets[i] : offsets[i + 1]], p)
+                    unchunk(gathered[:, offsets[i] : offsets[i + 1]], p)
                     for i, (_, p, _, _) in enumerate(matrices)
                 ],
             )
