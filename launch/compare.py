@@ -390,7 +390,7 @@ def plot(
                     label=label,
                 )
                 if m in ("euclidean", "non_euclidean"):
-                    g = [(rec["step"], rec["gns"]) for rec in r.records if rec.get("gns")]
+                    g = [(rec["step"], rec["gns_raw"]) for rec in r.records if rec.get("gns_raw")]
                     if g:
                         axes[2].plot(
                             *zip(*g, strict=True), color=colors[m], alpha=0.7, lw=1, label=label

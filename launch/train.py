@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     gns.add_argument(
         "--theta", type=float, default=0.6, help="target batch = noise / (theta^2 signal)"
     )
+    gns.add_argument(
+        "--estimator",
+        choices=("pooled", "paper"),
+        default="pooled",
+        help="pooled: second moments pooled over measurements, l1 with c4 (the library's "
+        "default); paper: each measurement's noise, no c4, EMA of the noise (arXiv 2602.03001)",
+    )
     gns.add_argument("--interval", type=int, default=10, help="measure every N optimizer steps")
     gns.add_argument(
         "--lr-scaling",
@@ -296,6 +303,8 @@ def gns_config(args: argparse.Namespace) -> GNSConfig:
         initial_batch_size=args.initial_batch,
         max_batch_size=args.max_batch or None,
         lr_scaling=args.lr_scaling,
+        pool_moments=args.estimator == "pooled",
+        bias_correction=args.estimator == "pooled",
     )
 
 
@@ -731,10 +740,14 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
         }
         estimate: GNSEstimate | None = monitor.last_estimate
         if estimate is not None and estimate is not before:  # this step measured
+            # raw: this measurement alone; pooled: the noise the controller acts on
+            pooled = estimate.pooled
             record |= {
-                "gns": finite_or_none(estimate.gns),
-                "noise": finite_or_none(estimate.noise),
+                "gns_raw": finite_or_none(estimate.gns),
+                "noise_raw": finite_or_none(estimate.noise),
                 "signal": finite_or_none(estimate.signal),
+                "gns_pooled": None if pooled is None else finite_or_none(pooled.gns),
+                "noise_pooled": None if pooled is None else finite_or_none(pooled.noise),
                 "target_batch_size": decision.target_batch_size,
             }
         done = monitor.samples >= args.sample_budget

@@ -62,6 +62,15 @@ class GNSConfig:
     #: Divide the l_1 sum of per-coordinate standard deviations by c4(n), which removes the bias
     #: of a square root of a variance estimated from n samples. ``False`` is the paper exactly.
     bias_correction: bool = True
+    #: Pool the centred second moments (per-coordinate variances, per-matrix covariances) in an
+    #: EMA over measurements and take the square roots of the pooled moments: the noise then
+    #: reads close to the population whatever the number of samples n (tr(C^{1/2}) from n = 2
+    #: samples reads ~0.4x). Costs state: float32 per measured l1 coordinate on the rank that
+    #: sums it, float64 m x m per matrix on its owner. ``False`` (with
+    #: ``bias_correction=False``): the paper's EMA of each measurement's noise, exactly.
+    pool_moments: bool = True
+    #: EMA coefficient of the pooled moments; ``ema_beta_noise`` is then not used for the noise.
+    pool_beta: Beta = 0.95
     #: How the nuclear-norm estimate takes tr(C^{1/2}): LAPACK ``eigh`` or a matmul-only
     #: coupled Newton-Schulz iteration (faster on accelerators, see BENCHMARKS.md).
     sqrt_trace_method: SqrtTraceMethod = "eigh"

@@ -11,7 +11,11 @@ the same numbers takes the same decision. Per optimizer step::
         estimate = measure() if ctrl.is_measurement_step else None
         decision = ctrl.update(estimate)          # counts samples; may grow the next batch
 
-Differences from the paper, both decided here:
+Differences from the paper, decided here:
+* A measurement that carries ``pooled_noise`` (the session pooled the second moments over
+  measurements, ``GNSConfig.pool_moments``) is acted on with that noise as it is: it is already
+  an average over measurements. The EMA of each measurement's raw noise is still kept (the
+  paper's N), used when no pooled noise comes.
 * The EMAs are bias-corrected (divided by 1 - beta^k). With bN == bM, as in the paper, the ratio
   N / M, and so every decision, is exactly the paper's; with unequal betas it stays unbiased.
 * Warm-up is counted in samples (the paper's I is its lr warm-up, also sample-based).
@@ -161,6 +165,8 @@ class BatchSizeController:
         self.num_updates = 0  # measurements that entered the EMAs
         self.skipped = 0  # measurements rejected (non-finite)
         self.last_target: float | None = None
+        #: Squared noise of the pooled moments at the last measurement, when it came pooled.
+        self.pooled_noise: float | None = None
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -182,7 +188,8 @@ class BatchSizeController:
             return None
         bn, bm = self.config.ema_beta_noise, self.config.ema_beta_signal
         k = self.num_updates
-        return self.noise_ema / (1 - bn**k), self.signal_ema / (1 - bm**k)
+        noise = self.noise_ema / (1 - bn**k) if self.pooled_noise is None else self.pooled_noise
+        return noise, self.signal_ema / (1 - bm**k)
 
     # -- the rule ---------------------------------------------------------------------------
     def update(self, estimate: NoiseAndSignal | None = None) -> BatchDecision:
@@ -193,10 +200,13 @@ class BatchSizeController:
         target = None
         if estimate is not None:
             noise, signal = float(estimate.noise), float(estimate.signal)
-            if math.isfinite(noise) and math.isfinite(signal) and noise >= 0 and signal >= 0:
+            pooled = getattr(estimate, "pooled_noise", None)
+            values = (noise, signal) if pooled is None else (noise, signal, float(pooled))
+            if all(math.isfinite(v) and v >= 0 for v in values):
                 bn, bm = self.config.ema_beta_noise, self.config.ema_beta_signal
                 self.noise_ema = bn * self.noise_ema + (1 - bn) * noise
                 self.signal_ema = bm * self.signal_ema + (1 - bm) * signal
+                self.pooled_noise = None if pooled is None else float(pooled)
                 self.num_updates += 1
                 target = self._target()
             else:
@@ -235,6 +245,7 @@ class BatchSizeController:
         "num_updates",
         "skipped",
         "last_target",
+        "pooled_noise",
         "initial_batch_size",
         "unit",
     )

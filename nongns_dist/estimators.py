@@ -25,21 +25,24 @@ be mixed with them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from nongns_dist.norms import SqrtTraceMethod, as_matrix, c4, sqrt_trace
+from nongns_dist.norms import SqrtTraceMethod, as_matrix, c4_dof, sqrt_trace
 
 __all__ = [
     "GNSEstimate",
     "LayerEstimate",
+    "MomentPool",
     "coordinate_partial_sums",
     "estimate_gns",
     "finish",
     "gram_partial_sums",
+    "noise_from_variance",
+    "sample_covariance",
     "sample_variance",
 ]
 
@@ -68,6 +71,9 @@ class GNSEstimate:
     ``noise`` and ``signal`` are the finished (already squared, for l1 and nuclear) population
     estimates; ``gns = noise / signal`` is the critical batch size in examples.
     ``num_samples`` is n, ``sample_size`` is b (examples per sample).
+    ``pooled_noise``: the noise from second moments pooled over this and earlier measurements
+    (``GNSConfig.pool_moments``), what the batch controller acts on; ``None`` when not pooled.
+    ``noise`` is always this measurement's own estimate, the one ``estimate_gns`` computes.
     """
 
     norm: str
@@ -76,10 +82,20 @@ class GNSEstimate:
     num_samples: int
     sample_size: int
     layers: Mapping[str, LayerEstimate] | None = field(default=None, compare=False)
+    pooled_noise: float | None = field(default=None, compare=False)
 
     @property
     def gns(self) -> float:
         return _ratio(self.noise, self.signal)
+
+    @property
+    def pooled(self) -> GNSEstimate | None:
+        """The pooled noise over this measurement's signal, or ``None`` when not pooled."""
+        if self.pooled_noise is None:
+            return None
+        return GNSEstimate(
+            self.norm, self.pooled_noise, self.signal, self.num_samples, self.sample_size
+        )
 
     @property
     def is_finite(self) -> bool:
@@ -108,6 +124,28 @@ def sample_variance(
     return var.clamp_min(0)
 
 
+def noise_from_variance(
+    var: torch.Tensor, norm: EstimateNorm, dof: float, *, bias_correction: bool = True
+) -> torch.Tensor:
+    """Additive noise part of per-coordinate variances ``var`` estimated with ``dof`` degrees of
+    freedom (n - 1 for one measurement): sum var (l2) or sum sqrt(var) / c4 (l1), float64."""
+    if norm == "l2":
+        return var.sum(dtype=torch.float64)
+    if norm == "l1":
+        noise = var.sqrt().sum(dtype=torch.float64)
+        return noise / c4_dof(dof) if bias_correction else noise
+    raise ValueError(f"coordinate statistics support norm 'l1' or 'l2', got {norm!r}")
+
+
+def signal_part(mean: torch.Tensor, norm: EstimateNorm) -> torch.Tensor:
+    """Additive signal part of the mean gradient: sum g^2 (l2) or sum |g| (l1), float64."""
+    if norm == "l2":
+        return mean.square().sum(dtype=torch.float64)
+    if norm == "l1":
+        return mean.abs().sum(dtype=torch.float64)
+    raise ValueError(f"coordinate statistics support norm 'l1' or 'l2', got {norm!r}")
+
+
 def coordinate_partial_sums(
     mean: torch.Tensor,
     sq_sum: torch.Tensor,
@@ -123,14 +161,31 @@ def coordinate_partial_sums(
     Sums accumulate in float64 whatever the input dtype.
     """
     var = sample_variance(mean, sq_sum, num_samples, sample_size)
-    if norm == "l2":
-        return var.sum(dtype=torch.float64), mean.square().sum(dtype=torch.float64)
-    if norm == "l1":
-        noise = var.sqrt().sum(dtype=torch.float64)
-        if bias_correction:
-            noise = noise / c4(num_samples)
-        return noise, mean.abs().sum(dtype=torch.float64)
-    raise ValueError(f"coordinate statistics support norm 'l1' or 'l2', got {norm!r}")
+    noise = noise_from_variance(var, norm, num_samples - 1, bias_correction=bias_correction)
+    return noise, signal_part(mean, norm)
+
+
+def sample_covariance(
+    gram_sum: torch.Tensor,
+    mean_gram: torch.Tensor,
+    num_samples: int,
+    sample_size: int,
+    *,
+    gram_dtype: torch.dtype | None = None,
+    centered: bool = False,
+) -> tuple[torch.Tensor, float]:
+    """(C_hat, resolution) of one matrix from its Grams (see ``gram_partial_sums``).
+
+    The resolution is the size below which an eigenvalue of C_hat is rounding: the rounding of
+    A, at most eps ||A||_F (Weyl; the Frobenius norm bounds the spectral one and costs no
+    decomposition), scaled like C_hat.
+    """
+    _check_counts(num_samples, sample_size)
+    eps = torch.finfo(gram_dtype or gram_sum.dtype).eps
+    centred_sum = gram_sum if centered else gram_sum - num_samples * mean_gram
+    factor = sample_size / (num_samples - 1)
+    floor = eps * float(torch.linalg.matrix_norm(gram_sum)) * factor
+    return centred_sum * factor, floor
 
 
 def gram_partial_sums(
@@ -151,18 +206,24 @@ def gram_partial_sums(
     ``gram_dtype``: the precision A was formed and communicated in (default: its own dtype);
     eigenvalues of C_hat below that precision's resolution of A count as zero.
     """
-    _check_counts(num_samples, sample_size)
-    eps = torch.finfo(gram_dtype or gram_sum.dtype).eps
-    centred_sum = gram_sum if centered else gram_sum - num_samples * mean_gram
-    cov = centred_sum * (sample_size / (num_samples - 1))
-    # Resolution of C_hat's eigenvalues: the rounding of A, at most eps ||A||_F (Weyl; the
-    # Frobenius norm bounds the spectral one and costs no decomposition).
-    factor = sample_size / (num_samples - 1)
-    floor = eps * float(torch.linalg.matrix_norm(gram_sum)) * factor
+    cov, floor = sample_covariance(
+        gram_sum, mean_gram, num_samples, sample_size, gram_dtype=gram_dtype, centered=centered
+    )
     noise = sqrt_trace(cov, method, tol=tol, floor=floor).to(torch.float64)
-    signal_floor = eps * float(torch.linalg.matrix_norm(mean_gram))
-    signal = sqrt_trace(mean_gram, method, tol=tol, floor=signal_floor).to(torch.float64)
-    return noise, signal
+    return noise, mean_signal(mean_gram, method, tol=tol, gram_dtype=gram_dtype)
+
+
+def mean_signal(
+    mean_gram: torch.Tensor,
+    method: SqrtTraceMethod = "eigh",
+    *,
+    tol: float = 1e-3,
+    gram_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """||G||_* = tr((G G^T)^{1/2}) from the mean's Gram, float64."""
+    eps = torch.finfo(gram_dtype or mean_gram.dtype).eps
+    floor = eps * float(torch.linalg.matrix_norm(mean_gram))
+    return sqrt_trace(mean_gram, method, tol=tol, floor=floor).to(torch.float64)
 
 
 def finish(noise_part: float, signal_part: float, norm: str) -> tuple[float, float]:
@@ -185,6 +246,92 @@ def combined_norm(norms: Sequence[str]) -> str:
             "noise scale sums variances, the dual norms sum standard deviations"
         )
     return kinds.pop() if len(kinds) == 1 else "l1+nuclear"
+
+
+class MomentPool:
+    """EMA of centred second moments across measurements, so square roots see pooled samples.
+
+    tr(C_hat^{1/2}) and sum_i sigma_hat_i are concave in the second moments: from n samples they
+    read low (nuclear: ~0.4 of the population at n = 2 on real gradients). Averaging the
+    moments BEFORE the square root, per coordinate (sigma_hat_i^2) and per matrix (C_hat), gives
+    each square root about (n - 1)(1 + beta)/(1 - beta) degrees of freedom instead of n - 1.
+    The paper averages the finished noise scalar instead (``GNSConfig.pool_moments=False``).
+
+    Entries are keyed by the caller (a parameter slice, a matrix) and bias-corrected by their
+    own count: pooled = EMA / (1 - beta^k). Each also tracks its effective degrees of freedom,
+    1 / sum_j (w_j^2 / dof_j) with normalised weights w_j (Satterthwaite), for the l1 c4
+    correction. A moment with a non-finite value does not enter its entry (checked on the
+    moment's device, without a host sync); it still counts as an update, which matters only for
+    the bias correction of the first 1/(1 - beta) measurements.
+    """
+
+    def __init__(self, beta: float) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"pool beta must be in [0, 1), got {beta}")
+        self.beta = beta
+        self._entries: dict[Hashable, _PoolEntry] = {}
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry_keys(self) -> list[Hashable]:
+        return list(self._entries)
+
+    def value(self, key: Hashable) -> torch.Tensor:
+        """Entry ``key``'s EMA as stored (not bias-corrected)."""
+        return self._entries[key].value
+
+    def discard(self, key: Hashable) -> None:
+        self._entries.pop(key, None)
+
+    def update(
+        self, key: Hashable, moment: torch.Tensor, dof: float, *, floor: float = 0.0
+    ) -> tuple[torch.Tensor, float, float]:
+        """Add one measurement's ``moment`` (estimated with ``dof`` degrees of freedom; ``floor``
+        its rounding resolution) to entry ``key``; returns the bias-corrected pooled moment, its
+        effective degrees of freedom and its pooled floor."""
+        beta = self.beta
+        entry = self._entries.get(key)
+        if entry is None or entry.value.shape != moment.shape:
+            entry = _PoolEntry(torch.zeros_like(moment))
+            self._entries[key] = entry
+        ok = torch.isfinite(moment).all()
+        entry.value.copy_(torch.where(ok, entry.value * beta + moment * (1 - beta), entry.value))
+        entry.weight = beta * entry.weight + (1 - beta)
+        entry.inverse_dof = beta**2 * entry.inverse_dof + (1 - beta) ** 2 / dof
+        entry.floor = beta * entry.floor + (1 - beta) * floor
+        weight = entry.weight
+        return entry.value / weight, weight**2 / entry.inverse_dof, entry.floor / weight
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "beta": self.beta,
+            "entries": {
+                key: (e.value.clone(), e.weight, e.inverse_dof, e.floor)
+                for key, e in self._entries.items()
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.beta = float(state["beta"])
+        self._entries = {
+            key: _PoolEntry(value.clone(), weight, inverse_dof, floor)
+            for key, (value, weight, inverse_dof, floor) in state["entries"].items()
+        }
+
+    def memory_bytes(self) -> int:
+        return sum(e.value.numel() * e.value.element_size() for e in self._entries.values())
+
+
+@dataclass
+class _PoolEntry:
+    value: torch.Tensor  # EMA of the moment, not yet bias-corrected
+    weight: float = 0.0  # 1 - beta^k: the sum of the EMA's weights
+    inverse_dof: float = 0.0  # sum of squared weights / dof (Satterthwaite)
+    floor: float = 0.0  # EMA of the moments' rounding resolutions
 
 
 def _as_named_samples(
@@ -253,13 +400,16 @@ def estimate_gns(
     bias_correction: bool = True,
     layer_breakdown: bool = False,
     sqrt_trace_method: SqrtTraceMethod = "eigh",
+    pool: MomentPool | None = None,
 ) -> GNSEstimate:
     """Reference noise-scale estimate from n local mean gradients, in float64.
 
     ``samples``: a tensor of shape (n, ...) or a list of n dicts name -> tensor; each sample is a
     mean gradient over ``sample_size`` examples. ``norm``: ``"l1"``, ``"l2"``, ``"nuclear"``
     (matrix parameters only; conv weights are flattened) or a mapping name -> norm/None.
-    Every distributed path in this package must agree with this function.
+    ``pool``: add this measurement's second moments to it (keyed by parameter name) and return
+    the pooled noise as well (``GNSEstimate.pooled_noise``); call once per measurement with the
+    same pool. Every distributed path in this package must agree with this function.
 
     Example::
 
@@ -273,37 +423,47 @@ def estimate_gns(
     _check_counts(num_samples, sample_size)
     norms = _resolve_norms(list(named), {n: t.shape for n, t in named.items()}, norm)
     total = combined_norm(list(norms.values()))
+    dof = num_samples - 1
 
     layers: dict[str, LayerEstimate] = {}
-    noise_part = signal_part = 0.0
+    noise_part = signal_part_sum = pooled_part = 0.0
     for name, kind in norms.items():
         stack = named[name]
         if kind == "nuclear":
             mats = torch.stack([as_matrix(g) for g in stack])
             mean = mats.mean(0)
-            noise_t, signal_t = gram_partial_sums(
-                torch.einsum("sik,sjk->ij", mats, mats),
+            deviations = mats - mean
+            cov, floor = sample_covariance(
+                torch.einsum("sik,sjk->ij", deviations, deviations),
                 mean @ mean.T,
                 num_samples,
                 sample_size,
-                method=sqrt_trace_method,
+                centered=True,
             )
+            noise_t = sqrt_trace(cov, sqrt_trace_method, floor=floor).to(torch.float64)
+            signal_t = mean_signal(mean @ mean.T, sqrt_trace_method)
+            if pool is not None:
+                pooled, _, pooled_floor = pool.update(name, cov, dof, floor=floor)
+                pooled_part += float(sqrt_trace(pooled, sqrt_trace_method, floor=pooled_floor))
         else:
-            noise_t, signal_t = coordinate_partial_sums(
-                stack.mean(0),
-                stack.square().sum(0),
-                num_samples,
-                sample_size,
-                kind,  # type: ignore[arg-type]
-                bias_correction=bias_correction,
-            )
+            var = sample_variance(stack.mean(0), stack.square().sum(0), num_samples, sample_size)
+            noise_t = noise_from_variance(var, kind, dof, bias_correction=bias_correction)  # type: ignore[arg-type]
+            signal_t = signal_part(stack.mean(0), kind)  # type: ignore[arg-type]
+            if pool is not None:
+                moment = var if kind == "l1" else var.sum()
+                pooled, pooled_dof, _ = pool.update(name, moment, dof)
+                pooled_part += float(
+                    noise_from_variance(pooled, "l1", pooled_dof, bias_correction=bias_correction)
+                    if kind == "l1"
+                    else pooled
+                )
         noise_part += float(noise_t)
-        signal_part += float(signal_t)
+        signal_part_sum += float(signal_t)
         if layer_breakdown:
             layer_noise, layer_signal = finish(float(noise_t), float(signal_t), kind)
             layers[name] = LayerEstimate(kind, layer_noise, layer_signal)
 
-    noise, signal = finish(noise_part, signal_part, total)
+    noise, signal = finish(noise_part, signal_part_sum, total)
     return GNSEstimate(
         norm=total,
         noise=noise,
@@ -311,4 +471,5 @@ def estimate_gns(
         num_samples=num_samples,
         sample_size=sample_size,
         layers=layers if layer_breakdown else None,
+        pooled_noise=None if pool is None else finish(pooled_part, 0.0, total)[0],
     )

@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "as_matrix",
     "c4",
+    "c4_dof",
     "polar_factor",
     "sqrt_trace",
     "sqrt_trace_eigh",
@@ -37,7 +38,15 @@ def c4(n: int) -> float:
     """
     if n < 2:
         raise ValueError(f"c4 needs n >= 2 samples, got n={n}")
-    return math.sqrt(2.0 / (n - 1)) * math.exp(math.lgamma(n / 2) - math.lgamma((n - 1) / 2))
+    return c4_dof(n - 1)
+
+
+def c4_dof(dof: float) -> float:
+    """E[s] / sigma for s^2 a variance estimate with ``dof`` (possibly fractional) degrees of
+    freedom, s^2 ~ sigma^2 chi^2_dof / dof: sqrt(2/dof) Gamma((dof+1)/2) / Gamma(dof/2)."""
+    if not dof > 0:
+        raise ValueError(f"c4_dof needs dof > 0, got {dof}")
+    return math.sqrt(2.0 / dof) * math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2))
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:

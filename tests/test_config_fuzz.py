@@ -31,8 +31,8 @@ def _valid(field: str, value: Any) -> bool:
     """An independent statement of what each field accepts (the config's docstrings)."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
     is_float = isinstance(value, float) and math.isfinite(value)
-    if field in ("enabled", "adapt_batch_size", "bias_correction", "layer_breakdown",
-                 "check_consistency"):  # fmt: skip
+    if field in ("enabled", "adapt_batch_size", "bias_correction", "pool_moments",
+                 "layer_breakdown", "check_consistency"):  # fmt: skip
         return isinstance(value, bool)
     if field == "norm":
         return value in ("l1", "l2", "nuclear", "auto")
@@ -44,7 +44,7 @@ def _valid(field: str, value: Any) -> bool:
         return (is_float or is_int) and 0 < value < 1
     if field == "theta":
         return (is_float or is_int) and 0 < value <= 1e3
-    if field in ("ema_beta_noise", "ema_beta_signal"):
+    if field in ("ema_beta_noise", "ema_beta_signal", "pool_beta"):
         return (is_float or is_int) and 0 <= value < 1
     if field == "warmup_samples":
         return is_int and 0 <= value <= MAX_COUNT

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nongns_dist import GNSConfig, attach, estimate_gns
+from nongns_dist.estimators import MomentPool
 from nongns_dist.optim import Muon, Signum, muon_param_groups
 
 from .distributed import spawn
@@ -77,6 +78,7 @@ def _equality_worker(rank, world_size, norm, acc, options):
                     check_consistency=True)  # fmt: skip
     monitor = attach(ddp, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
     norms = {t.name: t.norm for t in monitor.plan.params}
+    pool = MomentPool(cfg.pool_beta)
     results = []
     for step in range(3):
         use_branch = not (options.get("unused") and step == 1)
@@ -98,12 +100,14 @@ def _equality_worker(rank, world_size, norm, acc, options):
                  / micro.loss_divisor).backward()  # fmt: skip
         opt.step()
         opt.zero_grad()
-        expected = estimate_gns(gathered, MICRO * acc, norms, layer_breakdown=True)
         if options.get("static_graph") and step == 0:
             # torch's static_graph cannot start under no_sync: the first step syncs every
             # micro-step and is not measured
             assert monitor.last_estimate is None
             continue
+        expected = estimate_gns(
+            gathered, MICRO * acc, norms, layer_breakdown=True, pool=pool
+        )  # the pool: every measurement so far
         results.append((monitor.last_estimate, expected))
         monitor.last_estimate = None
     return results
@@ -144,6 +148,10 @@ def _check_equal(results, rtol):
             assert got.sample_size == want.sample_size and got.norm == want.norm
             assert got.noise == pytest.approx(want.noise, rel=rtol)
             assert got.signal == pytest.approx(want.signal, rel=rtol)
+            if want.pooled_noise is not None:
+                assert got.pooled_noise == pytest.approx(want.pooled_noise, rel=rtol), [
+                    (g.pooled_noise, w.pooled_noise) for g, w in rank_results
+                ]
             for name, layer in want.layers.items():
                 assert got.layers[name].noise == pytest.approx(layer.noise, rel=rtol, abs=1e-12)
                 assert got.layers[name].signal == pytest.approx(layer.signal, rel=rtol, abs=1e-12)

@@ -14,6 +14,7 @@ from torch import nn
 
 import nongns_dist.deepspeed as nds
 from nongns_dist import GNSConfig, estimate_gns
+from nongns_dist.estimators import MomentPool
 from nongns_dist.optim import Signum
 
 from .distributed import spawn
@@ -82,6 +83,7 @@ def _equality(rank, world, stage, norm):
     plugin = engine.nongns
     reference = _model()
     kinds = {t.name: t.norm for t in plugin.plan.params}
+    pool = MomentPool(plugin.config.pool_beta)
     errors = []
     for step in range(2):
         reference.load_state_dict(
@@ -103,10 +105,12 @@ def _equality(rank, world, stage, norm):
         )
         gathered = [None] * world
         dist.all_gather_object(gathered, local)
-        want = estimate_gns([s for r in gathered for s in r], MICRO * (2 if per_rank else 1), kinds)
+        samples = [s for r in gathered for s in r]
+        want = estimate_gns(samples, MICRO * (2 if per_rank else 1), kinds, pool=pool)
         _train(engine, rank, [2], first_step=step)
         got = plugin.last_estimate
-        errors.append((abs(got.noise / want.noise - 1), abs(got.signal / want.signal - 1)))
+        errors.append((abs(got.noise / want.noise - 1), abs(got.signal / want.signal - 1),
+                       abs(got.pooled_noise / want.pooled_noise - 1)))  # fmt: skip
     return plugin.sample_kind, errors
 
 
@@ -116,8 +120,8 @@ def _equality(rank, world, stage, norm):
 def test_estimate_equals_reference_on_gathered_samples(stage, norm):
     kind, errors = spawn(_equality, 2, stage, norm)[0]
     assert kind == ("rank" if stage < 2 else "micro")
-    for noise_err, signal_err in errors:
-        assert noise_err < 1e-5 and signal_err < 1e-5
+    for noise_err, signal_err, pooled_err in errors:
+        assert noise_err < 1e-5 and signal_err < 1e-5 and pooled_err < 1e-5
 
 
 def _identity_and_sequence(rank, world, stage, checkpoint_dir):
@@ -258,5 +262,6 @@ def test_deepspeed_muon_auto_geometry_and_monitor_events():
     norm, measured, events = spawn(_builtin_muon_and_logging, 2)[0]
     assert norm == "nuclear"  # DeepSpeed's Muon: the use_muon matrices, the Adam group left out
     assert measured == ["0.weight", "2.weight"]
-    assert {"Train/nongns/gns", "Train/nongns/noise", "Train/nongns/signal"} <= set(events)
+    names = ("gns_raw", "noise_raw", "signal", "gns_pooled", "noise_pooled")
+    assert {f"Train/nongns/{name}" for name in names} <= set(events)
     assert {"Train/nongns/global_batch", "Train/nongns/lr_multiplier"} <= set(events)

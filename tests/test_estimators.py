@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from nongns_dist import estimate_gns
-from nongns_dist.estimators import coordinate_partial_sums, finish, gram_partial_sums
+from nongns_dist.estimators import (
+    MomentPool,
+    coordinate_partial_sums,
+    finish,
+    gram_partial_sums,
+)
 from nongns_dist.norms import c4
 
 
@@ -270,3 +275,75 @@ def test_zero_signal_gives_infinite_gns_not_an_exception():
     samples = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
     est = estimate_gns(samples, 1, "l1")
     assert est.signal == 0 and math.isinf(est.gns)
+
+
+# -- pooled second moments ------------------------------------------------------------------------
+
+
+def test_moment_pool_is_the_bias_corrected_weighted_mean_of_its_moments():
+    beta = 0.8
+    pool = MomentPool(beta)
+    moments = [torch.rand(5, dtype=torch.float64) for _ in range(4)]
+    dofs = [1, 3, 1, 7]
+    for k, (moment, dof) in enumerate(zip(moments, dofs, strict=True), start=1):
+        pooled, eff_dof, _ = pool.update("x", moment, dof)
+        weights = [beta ** (k - 1 - j) for j in range(k)]  # newest weighs 1
+        total = sum(weights)
+        want = sum(w * m for w, m in zip(weights, moments, strict=False)) / total
+        torch.testing.assert_close(pooled, want)
+        # Satterthwaite: var of the pooled chi-square mean = sum (w/total)^2 * 2/dof
+        want_dof = 1 / sum((w / total) ** 2 / d for w, d in zip(weights, dofs, strict=False))
+        assert eff_dof == pytest.approx(want_dof)
+    bad = torch.tensor([1.0, float("nan"), 1, 1, 1], dtype=torch.float64)
+    before = pool.value("x").clone()
+    pool.update("x", bad, 1)
+    torch.testing.assert_close(pool.value("x"), before)  # a non-finite moment does not enter
+    copy = MomentPool(0.5)
+    copy.load_state_dict(pool.state_dict())
+    torch.testing.assert_close(
+        copy.update("x", moments[0], 1)[0], pool.update("x", moments[0], 1)[0]
+    )
+
+
+def _synthetic_measurements(n, measurements, seed=0):
+    """n samples of b=4 examples per measurement, per-example gradients with a KNOWN population:
+    a 16 x 48 matrix whose noise is rank one per example, u v^T with u ~ N(0, C) (C's spectrum
+    1/(1+i), what makes few samples read low), and 300 coordinates with sigma_i known."""
+    gen = torch.Generator().manual_seed(seed)
+    m, k, b = 16, 48, 4
+    eig = 1.0 / (1.0 + torch.arange(m, dtype=torch.float64))
+    basis, _ = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64, generator=gen))
+    root = basis @ torch.diag(eig.sqrt())
+    sigma = torch.rand(300, dtype=torch.float64, generator=gen) ** 3 + 0.01
+    mean_w = 0.3 * torch.randn(m, k, dtype=torch.float64, generator=gen)
+    mean_v = 0.1 * torch.randn(300, dtype=torch.float64, generator=gen)
+
+    def sample():
+        u = root @ torch.randn(m, b, dtype=torch.float64, generator=gen)
+        v = torch.randn(b, k, dtype=torch.float64, generator=gen) / k**0.5
+        z = torch.randn(b, 300, dtype=torch.float64, generator=gen)
+        return {"w": mean_w + u @ v / b, "v": mean_v + (sigma * z).mean(0)}
+
+    population = {"nuclear": float(eig.sqrt().sum()) ** 2, "l1": float(sigma.sum()) ** 2}
+    return population, ([sample() for _ in range(n)] for _ in range(measurements))
+
+
+def _mean_readings(n, norm, pooled, measurements=240):
+    population, draws = _synthetic_measurements(n, measurements)
+    norms = {"w": "nuclear", "v": None} if norm == "nuclear" else {"w": None, "v": "l1"}
+    pool = MomentPool(0.95) if pooled else None
+    values = []
+    for samples in draws:
+        est = estimate_gns(samples, 4, norms, pool=pool, bias_correction=pooled)
+        values.append(est.pooled_noise if pooled else est.noise)
+    settled = values[measurements // 2 :]  # past the pool's 1 / (1 - beta) = 20 measurements
+    return sum(settled) / len(settled) / population[norm]
+
+
+@pytest.mark.parametrize("norm", ["nuclear", "l1"])
+def test_pooled_noise_reads_the_population_whatever_the_sample_count(norm):
+    pooled = {n: _mean_readings(n, norm, pooled=True) for n in (2, 8)}
+    paper = _mean_readings(2, norm, pooled=False)
+    assert pooled[2] == pytest.approx(1.0, abs=0.05) and pooled[8] == pytest.approx(1.0, abs=0.05)
+    assert pooled[2] / pooled[8] == pytest.approx(1.0, abs=0.05)  # n changes, the value does not
+    assert paper < 0.7  # what the paper's estimator reads from 2 samples here

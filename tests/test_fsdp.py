@@ -21,6 +21,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor, Shard
 
 from nongns_dist import GNSConfig, attach, estimate_gns
+from nongns_dist.estimators import MomentPool
 
 from .distributed import spawn
 from .test_ddp import MICRO, Net, _batch, _check_equal, _loss, one_step_against_reference
@@ -110,6 +111,7 @@ def _equality_worker(rank, world_size, norm, acc, options):
                     check_consistency=True)  # fmt: skip
     monitor = attach(model, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
     norms = {t.name: t.norm for t in monitor.plan.params}
+    pool = MomentPool(cfg.pool_beta)
     results = []
     dtype = torch.bfloat16 if options.get("bf16") else torch.float32
     reference.to(dtype)  # bf16 params: the reference computes in bf16 as FSDP's unsharded ones
@@ -133,7 +135,9 @@ def _equality_worker(rank, world_size, norm, acc, options):
                  / micro.loss_divisor).backward()  # fmt: skip
         opt.step()
         opt.zero_grad()
-        expected = estimate_gns(gathered, MICRO * acc, norms, layer_breakdown=True)
+        expected = estimate_gns(
+            gathered, MICRO * acc, norms, layer_breakdown=True, pool=pool
+        )  # the pool: every measurement so far
         results.append((monitor.last_estimate, expected))
     if options.get("user_hooks"):  # the user's comm and hook ran on both steps
         assert options["calls"].count("comm") == 2 and len(options["calls"]) == 4

@@ -76,8 +76,8 @@ def _assert_reproduces(name: str, run: Run, reference: Run, noise_rel: float | N
         for key in ("train_loss", "val_loss"):
             if key in ref:
                 assert mine[key] == pytest.approx(ref[key], rel=1e-5), (name, ref["step"], key)
-        if noise_rel is not None and ref.get("gns") is not None:
-            for key in ("gns", "noise", "signal"):
+        if noise_rel is not None and ref.get("gns_raw") is not None:
+            for key in ("gns_raw", "noise_raw", "signal", "gns_pooled", "noise_pooled"):
                 assert mine[key] == pytest.approx(ref[key], rel=noise_rel), (name, ref["step"], key)
 
 
@@ -106,7 +106,7 @@ def test_adaptive_run_on_two_ranks_grows_the_batch(tmp_path: Path, corpus_dir: P
     assert [r["step"] for r in records] == list(range(1, summary["steps"] + 1))
     assert records[-1]["samples"] == summary["samples"]
     assert records[-1]["val_loss"] == pytest.approx(summary["final_val_loss"])
-    measured = [r for r in records if "gns" in r]
+    measured = [r for r in records if "gns_raw" in r]
     assert len(measured) == pytest.approx(summary["steps"] / 2, abs=1)  # --interval 2
     # The lr multiplier follows the batch: sqrt(B / B0) with B0 = 4.
     for r in records:
@@ -139,7 +139,7 @@ def test_two_nodes_local_script_constant_batch_muon(tmp_path: Path, corpus_dir: 
     assert summary["world_size"] == 2 and summary["batch_trajectory"] == [[0, 4]]
     records = _records(out)
     assert {r["batch_size"] for r in records} == {4}
-    assert any(r.get("gns") is not None for r in records)
+    assert any(r.get("gns_raw") is not None for r in records)
 
 
 @pytest.mark.parametrize(

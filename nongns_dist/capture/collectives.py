@@ -25,6 +25,7 @@ __all__ = [
     "gram_triangle",
     "reduce_scatter",
     "reduce_scatter_rows",
+    "reduce_scatter_segments",
     "reduce_to_owners",
     "triangle_to_gram",
     "upper_triangle",
@@ -76,9 +77,73 @@ def reduce_scatter_rows(
             packed[r, i, : part.numel()] = part
     for i in square:
         packed[:, i].square_()
-    received = torch.empty(len(rows) * chunk, dtype=torch.float32, device=device)
-    work = reduce_scatter(received, packed.view(-1), group=group, async_op=True)
+    received, work = _reduce_scatter_async(packed, world_size, group)
     return work, received.view(len(rows), chunk), packed, chunk
+
+
+class _Done:
+    """The work handle of a collective that had nothing to do (one rank)."""
+
+    def wait(self) -> bool:
+        return True
+
+
+def _reduce_scatter_async(
+    packed: torch.Tensor, world_size: int, group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, Any]:
+    """(received, work) of a reduce-scatter of ``packed`` (world_size x ...); with one rank
+    the received part is ``packed`` itself and no process group is needed."""
+    if world_size == 1:
+        return packed.view(-1), _Done()
+    received = torch.empty(packed.numel() // world_size, dtype=packed.dtype, device=packed.device)
+    return received, reduce_scatter(received, packed.view(-1), group=group, async_op=True)
+
+
+def segment_parts(
+    segments: Sequence[tuple[int, int]], world_size: int, rank: int
+) -> tuple[list[tuple[int, int, int]], int]:
+    """Rank ``rank``'s part of each segment [start, end) when every segment is split in
+    ``world_size`` equal parts: (offset in the segment, count, position in the received row)
+    per segment, and the received row's length (the same on every rank)."""
+    parts, position = [], 0
+    for start, end in segments:
+        chunk = -(-(end - start) // world_size)
+        offset = rank * chunk
+        parts.append((offset, max(0, min(chunk, end - start - offset)), position))
+        position += chunk
+    return parts, position
+
+
+def reduce_scatter_segments(
+    rows: Sequence[torch.Tensor],
+    segments: Sequence[tuple[int, int]],
+    world_size: int,
+    rank: int,
+    group: dist.ProcessGroup | None,
+    *,
+    square: Sequence[int] = (),
+) -> tuple[Any, torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """``reduce_scatter_rows`` of the ``segments`` of flat rows only, each segment split evenly
+    over the ranks: what rank r receives of a segment depends on the segment alone, not on where
+    it sits in the rows (a DDP bucket rebuild moves parameters, not this layout), and coordinates
+    outside the segments do not travel. Returns (work, received (rows, length), packed input to
+    keep alive, this rank's ``segment_parts``)."""
+    device = rows[0].device
+    length = segment_parts(segments, world_size, rank)[1]
+    packed = torch.zeros(world_size, len(rows), length, dtype=torch.float32, device=device)
+    for r in range(world_size):
+        for (start, _), (offset, count, position) in zip(
+            segments, segment_parts(segments, world_size, r)[0], strict=True
+        ):
+            for i, row in enumerate(rows):
+                packed[r, i, position : position + count] = row[
+                    start + offset : start + offset + count
+                ]
+    for i in square:
+        packed[:, i].square_()
+    received, work = _reduce_scatter_async(packed, world_size, group)
+    parts = segment_parts(segments, world_size, rank)[0]
+    return work, received.view(len(rows), length), packed, parts
 
 
 def _upper(size: int, device: torch.device) -> torch.Tensor:

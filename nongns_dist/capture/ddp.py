@@ -101,8 +101,8 @@ class DDPCapture:
             start = end
         if record.coords:
             record.with_sum = exact_sum_travels(buffer.dtype)
-            record.squares_work, record.received, record.squares, record.chunk = (
-                session.reduce_squares(buffer)
+            record.squares_work, record.received, record.squares, record.parts = (
+                session.reduce_square_segments(buffer, [(a, b) for _, a, b in record.coords])
             )
         self._records.append(record)
         return record
@@ -118,14 +118,21 @@ class DDPCapture:
             buffer = record.buffer
             if record.squares_work is not None:
                 record.squares_work.wait()
-                assert record.received is not None
-                lo = session.rank * record.chunk
-                mean = (
-                    record.received[1] / self.world_size
-                    if record.with_sum
-                    else buffer[lo : lo + record.chunk]
-                )
-                session.add_coordinate_chunk(record.coords, lo, mean, record.received[0])
+                received = record.received
+                assert received is not None
+                for (tracked, start, _), (offset, count, at) in zip(
+                    record.coords, record.parts, strict=True
+                ):
+                    if count == 0:
+                        continue
+                    mean = (
+                        received[1, at : at + count] / self.world_size
+                        if record.with_sum
+                        else buffer[start + offset : start + offset + count]
+                    )
+                    session.add_coordinates(
+                        tracked, mean, received[0, at : at + count], offset=offset
+                    )
             if record.matrices:
                 session.add_matrices(
                     [t for t, _, _, _ in record.matrices],
@@ -141,7 +148,7 @@ class DDPCapture:
 class _BucketRecord:
     """What a measuring step remembers of one bucket until it is finished."""
 
-    __slots__ = ("buffer", "chunk", "coords", "done", "matrices", "received", "squares",
+    __slots__ = ("buffer", "coords", "done", "matrices", "parts", "received", "squares",
                  "squares_work", "with_sum")  # fmt: skip
 
     def __init__(self, buffer: torch.Tensor) -> None:
@@ -149,7 +156,7 @@ class _BucketRecord:
         self.coords: list[tuple[TrackedParam, int, int]] = []  # l1/l2: (param, start, end)
         # nuclear: (param, start, end, this rank's gradient copied before the all-reduce)
         self.matrices: list[tuple[TrackedParam, int, int, torch.Tensor]] = []
-        self.chunk = 0
+        self.parts: list[tuple[int, int, int]] = []  # this rank's slice of each coords entry
         self.with_sum = False
         # ``squares`` stays referenced until its work completes: gloo reads it asynchronously
         self.squares: torch.Tensor | None = None

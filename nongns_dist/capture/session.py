@@ -25,7 +25,7 @@ sums until the step's end instead: that memory does grow with the model.)
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -34,6 +34,7 @@ import torch.distributed as dist
 from nongns_dist.capture.collectives import (
     gram_triangle,
     reduce_scatter_rows,
+    reduce_scatter_segments,
     reduce_to_owners,
     triangle_to_gram,
     upper_triangle,
@@ -43,11 +44,15 @@ from nongns_dist.config import GNSConfig
 from nongns_dist.estimators import (
     GNSEstimate,
     LayerEstimate,
-    coordinate_partial_sums,
+    MomentPool,
     finish,
-    gram_partial_sums,
+    mean_signal,
+    noise_from_variance,
+    sample_covariance,
+    sample_variance,
+    signal_part,
 )
-from nongns_dist.norms import as_matrix
+from nongns_dist.norms import as_matrix, sqrt_trace
 
 __all__ = [
     "MeasurementSession",
@@ -116,7 +121,14 @@ class MeasurementSession:
         #: backward by it.
         self.reductions = 0
         self._claimed: set[object] = set()  # reductions already measured in this step
+        #: Columns: noise and signal of this measurement, noise of the pooled moments.
         self._partial: torch.Tensor | None = None
+        #: Second moments pooled over measurements (``config.pool_moments``): this rank's l1
+        #: coordinates and the matrices it owns. Keys: (param index, first coordinate, count) of
+        #: a slice in this rank's layout, or (param index,) of an owned matrix.
+        self.pool = MomentPool(config.pool_beta) if config.pool_moments else None
+        self._slices: dict[int, list[tuple[int, int, int]]] = {}
+        self._touched: set[Hashable] = set()  # pool entries this measurement updated
 
     # -- the sample rule -------------------------------------------------------------------------
     def sample_counts(self, accumulation_steps: int) -> tuple[int, int]:
@@ -155,11 +167,12 @@ class MeasurementSession:
         self.num_samples, self.sample_size = self.sample_counts(accumulation_steps)
         self.accumulation_steps = accumulation_steps
         self._claimed.clear()
+        self._touched.clear()
         if self.num_samples < 2:
             self._partial = None
             return False
         self._partial = torch.zeros(
-            len(self.plan.params), 2, dtype=torch.float64, device=self.device
+            len(self.plan.params), 3, dtype=torch.float64, device=self.device
         )
         return True
 
@@ -169,12 +182,17 @@ class MeasurementSession:
     def finish(self) -> GNSEstimate:
         """The one all-reduce of per-parameter partial sums; ends the measuring step."""
         partial = self._table()
+        if self.pool is not None:
+            self._pool_untouched(partial)
         self._partial = None
         if self.world_size > 1:
             dist.all_reduce(partial, group=self.group)
         rows = partial.cpu()
         totals = rows.sum(0)
         noise, signal = finish(float(totals[0]), float(totals[1]), self.plan.norm)
+        pooled_noise = None
+        if self.pool is not None:
+            pooled_noise = finish(float(totals[2]), 0.0, self.plan.norm)[0]
         layers = None
         if self.config.layer_breakdown:
             layers = {
@@ -188,10 +206,68 @@ class MeasurementSession:
             num_samples=self.num_samples,
             sample_size=self.sample_size,
             layers=layers,
+            pooled_noise=pooled_noise,
         )
         if not estimate.is_finite:
             logger.warning("non-finite gradient statistics: measurement skipped, batch unchanged")
         return estimate
+
+    # -- checkpointing of the pooled moments (they are this rank's: one state per rank) ---------
+    def pool_state(self) -> dict[str, Any] | None:
+        """This rank's pooled moments, tagged with its rank and group size; None when not pooled."""
+        if self.pool is None:
+            return None
+        return {"rank": self.rank, "world_size": self.world_size, **self.pool.state_dict()}
+
+    def load_pool_state(self, state: dict[str, Any] | None) -> bool:
+        """Continue from ``pool_state()`` of the same rank in a group of the same size; anything
+        else (another rank's state, another world size, none) restarts the pool, with a warning.
+        Returns whether the state was loaded."""
+        if self.pool is None:
+            return False
+        if state is None or (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            where = "none" if state is None else f"rank {state['rank']} of {state['world_size']}"
+            logger.warning(
+                "nongns_dist: no pooled moments for rank %d of %d in the checkpoint (%s): the "
+                "pool restarts (the noise reads low for about 1 / (1 - pool_beta) measurements)",
+                self.rank, self.world_size, where,
+            )  # fmt: skip
+            self.pool = MomentPool(self.config.pool_beta)
+            self._slices = {}
+            return False
+        self.pool.load_state_dict(state)
+        self._slices = {}
+        for key in self.pool.entry_keys():
+            if isinstance(key, tuple) and len(key) == 3:  # a coordinate slice
+                self._slices.setdefault(key[0], []).append(key)
+        return True
+
+    def _pool_untouched(self, table: torch.Tensor) -> None:
+        """Pooled entries this measurement did not reach (a parameter without gradient on this
+        step: FSDP2 leaves unused ones out of its reduce-scatter) take a zero moment, as a
+        gradient of zeros would give, so the pooled noise covers every measured parameter."""
+        assert self.pool is not None
+        for key in self.pool.entry_keys():
+            if key in self._touched:
+                continue
+            param = self.plan.params[key[0]]  # type: ignore[index]
+            zero = torch.zeros_like(self.pool.value(key))
+            pooled, dof, floor = self.pool.update(key, zero, self.num_samples - 1)
+            self._add_pooled(table, param, pooled, dof, floor)
+
+    def _add_pooled(
+        self, table: torch.Tensor, param: TrackedParam, pooled: torch.Tensor, dof: float,
+        floor: float,
+    ) -> None:  # fmt: skip
+        row = table[param.index]
+        if param.norm == "nuclear":
+            method, tol = self.config.sqrt_trace_method, self.config.sqrt_trace_tol
+            row[2] += sqrt_trace(pooled, method, tol=tol, floor=floor).to(row)
+        elif param.norm == "l1":
+            correct = self.config.bias_correction
+            row[2] += noise_from_variance(pooled, "l1", dof, bias_correction=correct).to(row)
+        else:  # l2: the pooled sum of variances
+            row[2] += pooled.to(row)
 
     def _table(self) -> torch.Tensor:
         if self._partial is None:
@@ -200,25 +276,48 @@ class MeasurementSession:
 
     # -- capture side: coordinates (l1, l2) --------------------------------------------------------
     def add_coordinates(
-        self, param: TrackedParam, mean: torch.Tensor, sq_sum: torch.Tensor
+        self, param: TrackedParam, mean: torch.Tensor, sq_sum: torch.Tensor, offset: int = 0
     ) -> None:
         """This rank's slice of ``param``: the mean gradient g and Q = sum_s g_s^2. Zero padding
-        adds nothing (its variance and |g| are 0), so padded shards may be passed as they are."""
+        adds nothing (its variance and |g| are 0), so padded shards may be passed as they are.
+        ``offset`` places the slice in this rank's layout of ``param``: slices with the same
+        offset and length share pooled moments from one measurement to the next."""
         table = self._table()
+        norm = param.norm
+        dof = self.num_samples - 1
+        correct = self.config.bias_correction
         mean, sq_sum = mean.reshape(-1), sq_sum.reshape(-1)
         # in pieces: the formula's temporaries stay small whatever the slice's size
         for start in range(0, mean.numel(), self.coordinate_piece):
-            end = start + self.coordinate_piece
-            noise, signal = coordinate_partial_sums(
-                mean[start:end].float(),
-                sq_sum[start:end].float(),
-                self.num_samples,
+            end = min(start + self.coordinate_piece, mean.numel())
+            var = sample_variance(
+                mean[start:end].float(), sq_sum[start:end].float(), self.num_samples,
                 self.sample_size,
-                param.norm,  # type: ignore[arg-type]
-                bias_correction=self.config.bias_correction,
-            )
-            table[param.index, 0] += noise.to(table.device)
-            table[param.index, 1] += signal.to(table.device)
+            )  # fmt: skip
+            row = table[param.index]
+            row[0] += noise_from_variance(var, norm, dof, bias_correction=correct).to(row.device)  # type: ignore[arg-type]
+            row[1] += signal_part(mean[start:end].float(), norm).to(row.device)  # type: ignore[arg-type]
+            if self.pool is not None:
+                key = self._slice_key(param.index, offset + start, end - start)
+                # l2 is linear in the variances: pooling their sum is the same, and is one scalar
+                moment = var if norm == "l1" else var.sum(dtype=torch.float64)
+                self._touched.add(key)
+                self._add_pooled(table, param, *self.pool.update(key, moment, dof))
+
+    def _slice_key(self, index: int, first: int, count: int) -> tuple[int, int, int]:
+        """Pool key of a slice; a slice that overlaps another of the same parameter (a layout
+        change: DDP rebuilds its buckets after the first step) replaces it."""
+        key = (index, first, count)
+        assert self.pool is not None
+        if key not in self.pool:
+            kept = []
+            for old in self._slices.get(index, []):
+                if old[1] < first + count and first < old[1] + old[2]:
+                    self.pool.discard(old)
+                else:
+                    kept.append(old)
+            self._slices[index] = [*kept, key]
+        return key
 
     def add_coordinate_chunk(
         self,
@@ -233,7 +332,9 @@ class MeasurementSession:
         for tracked, start, end in spans:
             a, b = max(start, lo), min(end, hi)
             if a < b:
-                self.add_coordinates(tracked, mean[a - lo : b - lo], squares[a - lo : b - lo])
+                self.add_coordinates(
+                    tracked, mean[a - lo : b - lo], squares[a - lo : b - lo], offset=a - start
+                )
 
     def reduce_squares(
         self, local: torch.Tensor, *, shard_group: dist.ProcessGroup | None = None
@@ -246,6 +347,19 @@ class MeasurementSession:
         group = self.group if shard_group is None else shard_group
         rows = [local, local] if exact_sum_travels(local.dtype) else [local]
         return reduce_scatter_rows(rows, group_rank_and_size(group)[1], group, square=(0,))
+
+    def reduce_square_segments(
+        self, local: torch.Tensor, segments: Sequence[tuple[int, int]]
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+        """As ``reduce_squares`` for a backend whose every rank gets the whole mean (DDP): only
+        the ``segments`` (the measured l1/l2 parameters) travel, each split evenly over the
+        ranks, so a parameter's slice on a rank stays the same when buckets are rebuilt (its
+        pooled moments go on). Returns (work, received, packed, parts), parts as
+        ``segment_parts``."""
+        rows = [local, local] if exact_sum_travels(local.dtype) else [local]
+        return reduce_scatter_segments(
+            rows, segments, self.world_size, self.rank, self.group, square=(0,)
+        )
 
     # -- capture side: matrices (nuclear) ---------------------------------------------------------
     def add_matrices(
@@ -312,18 +426,20 @@ class MeasurementSession:
         """Owner: finish ``param`` from the summed Gram (of deviations when ``centred``, else of
         the samples) and the mean gradient: two scalars into the table."""
         mean = as_matrix(mean_grad.detach().reshape(param.shape)).to(torch.float64)
-        noise, signal = gram_partial_sums(
-            gram_sum.to(torch.float64),
-            mean @ mean.T,
-            self.num_samples,
-            self.sample_size,
-            method=self.config.sqrt_trace_method,
-            tol=self.config.sqrt_trace_tol,
+        method, tol = self.config.sqrt_trace_method, self.config.sqrt_trace_tol
+        cov, floor = sample_covariance(
+            gram_sum.to(torch.float64), mean @ mean.T, self.num_samples, self.sample_size,
             centered=centred,
-        )
-        table = self._table()
-        table[param.index, 0] += noise.to(table.device)
-        table[param.index, 1] += signal.to(table.device)
+        )  # fmt: skip
+        row = self._table()[param.index]
+        row[0] += sqrt_trace(cov, method, tol=tol, floor=floor).to(row)
+        row[1] += mean_signal(mean @ mean.T, method, tol=tol).to(row)
+        if self.pool is not None:
+            key = (param.index,)
+            self._touched.add(key)
+            self._add_pooled(
+                self._table(), param, *self.pool.update(key, cov, self.num_samples - 1, floor=floor)
+            )
 
 
 class SampleAccumulator:

@@ -50,6 +50,7 @@ class StepCore(ControllerReadout):
         self.session = session  # None: nothing can be measured (the batch stays constant)
         self.lr_multiplier = lr_multiplier
         self.on_events = on_events
+        #: This measurement's own estimate (what ``estimate_gns`` computes from its samples).
         self.last_estimate: GNSEstimate | None = None
         self.last_decision: BatchDecision | None = None
         #: Engines set this False for a step whose gradients are not per-sample (DDP's first
@@ -68,6 +69,12 @@ class StepCore(ControllerReadout):
             return session.arm(self.controller.accumulation_steps)
         session.disarm()
         return False
+
+    @property
+    def pooled_estimate(self) -> GNSEstimate | None:
+        """The last measurement with its noise from the pooled second moments: what the
+        controller acts on (``None`` before a measurement, or with ``pool_moments=False``)."""
+        return None if self.last_estimate is None else self.last_estimate.pooled
 
     @property
     def measuring(self) -> bool:
@@ -135,18 +142,32 @@ class StepCore(ControllerReadout):
         ]
         if estimate is not None and estimate.is_finite:
             events += [
-                ("Train/nongns/gns", estimate.gns, x),
-                ("Train/nongns/noise", estimate.noise, x),
+                ("Train/nongns/gns_raw", estimate.gns, x),
+                ("Train/nongns/noise_raw", estimate.noise, x),
                 ("Train/nongns/signal", estimate.signal, x),
             ]
+            pooled = estimate.pooled
+            if pooled is not None and pooled.is_finite:
+                events += [
+                    ("Train/nongns/gns_pooled", pooled.gns, x),
+                    ("Train/nongns/noise_pooled", pooled.noise, x),
+                ]
         self.on_events(events)
 
     # -- checkpointing -----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"controller": self.controller.state_dict(), "config": self.config.to_dict()}
+    def state_dict(self, *, include_pool: bool = True) -> dict[str, Any]:
+        """Controller and config; with ``include_pool``, this rank's pooled moments too (they
+        differ per rank: save every rank's state, or the pool restarts on resume)."""
+        state = {"controller": self.controller.state_dict(), "config": self.config.to_dict()}
+        pool = self.session.pool_state() if self.session is not None else None
+        if include_pool and pool is not None:
+            state["pool"] = pool
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state["controller"])
+        if self.session is not None and "pool" in state:
+            self.session.load_pool_state(state["pool"])
         if self.lr_multiplier is not None:
             self.lr_multiplier.value = self.controller.lr_multiplier
         self.arm()

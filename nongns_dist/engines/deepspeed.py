@@ -15,6 +15,7 @@ a boundary (``set_train_batch_size`` then keeps DeepSpeed's loss division and sa
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -118,13 +119,23 @@ class DeepSpeedGNSPlugin(StepCore):
                     "engine.step() (engine.nongns.micro_step == 0)"
                 )
             state = dict(client_state or {})
-            state["nongns"] = self.state_dict()
-            return save(save_dir, tag, state, *a, **k)
+            # client_state is written once (by rank 0): the per-rank pool goes in its own file
+            state["nongns"] = self.state_dict(include_pool=False)
+            result = save(save_dir, tag, state, *a, **k)
+            pool = self.session.pool_state() if self.session is not None else None
+            if pool is not None:
+                tag = tag if tag is not None else f"global_step{engine.global_steps}"
+                torch.save(pool, self._pool_file(os.path.join(save_dir, str(tag))))
+            return result
 
         def wrapped_load(*args: Any, **kwargs: Any) -> Any:
             path, client_state = load(*args, **kwargs)
             if client_state and "nongns" in client_state:
                 self.load_state_dict(client_state.pop("nongns"))
+                if path is not None and self.session is not None:
+                    file = self._pool_file(os.path.dirname(path))
+                    pool = torch.load(file, weights_only=True) if os.path.exists(file) else None
+                    self.session.load_pool_state(pool)
             return path, client_state
 
         engine.backward, engine.step = wrapped_backward, wrapped_step
@@ -137,8 +148,14 @@ class DeepSpeedGNSPlugin(StepCore):
         monitor.write_events(events)
 
     # -- checkpointing ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "micro_step": self.micro_step}
+    def state_dict(self, *, include_pool: bool = True) -> dict[str, Any]:
+        return {**super().state_dict(include_pool=include_pool), "micro_step": self.micro_step}
+
+    def _pool_file(self, tag_dir: str) -> str:
+        """This data-parallel rank's pooled moments, beside DeepSpeed's files of the tag."""
+        session = self.session
+        assert session is not None
+        return os.path.join(tag_dir, f"nongns_pool_dp{session.rank}_of_{session.world_size}.pt")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nongns_dist.capture.base import GradientCapture
 from nongns_dist.capture.ddp import DDPCapture
 from nongns_dist.capture.fsdp2 import FSDP2Capture
+from nongns_dist.capture.local import LocalCapture
 from nongns_dist.capture.plan import MeasurementPlan
 from nongns_dist.capture.session import MeasurementSession, group_rank_and_size
 from nongns_dist.config import GNSConfig
@@ -43,6 +44,7 @@ __all__ = ["GNSMonitor", "MicroStep", "attach"]
 
 logger = logging.getLogger("nongns_dist")
 
+#: What attach() takes in a group of several ranks (in one process: also a plain module).
 _SUPPORTED = (
     "DistributedDataParallel, a fully_shard-ed module (FSDP2) or a FullyShardedDataParallel root"
 )
@@ -123,6 +125,13 @@ class GNSMonitor(StepCore):
                 self.world_size,
                 controller.batch_size,
             )
+        elif config.enabled and not session.can_measure(controller.accumulation_steps):
+            logger.warning(
+                "nongns_dist: one process measures from the micro-steps of a step, and a "
+                "variance needs 2: steps with %d micro-step are not measured (start from "
+                "accumulation_steps >= 2)",
+                controller.accumulation_steps,
+            )
         lr = LRMultiplier(optimizer) if optimizer is not None else None
         super().__init__(
             config, controller, session if self.can_measure else None, lr,
@@ -174,6 +183,9 @@ class GNSMonitor(StepCore):
         the optimizer skipped, e.g. a GradScaler overflow, so that its samples are counted)."""
         if self.session is not None:
             self._reductions_at_close = self.session.reductions
+            flush = getattr(self.capture, "flush", None)
+            if flush is not None:  # backends whose samples wait for the boundary (one process)
+                flush()
         return self.close_step()
 
     def detach(self) -> None:
@@ -196,9 +208,15 @@ def _capture_for(model: nn.Module, process_group: dist.ProcessGroup | None) -> G
         from nongns_dist.capture.fsdp1 import FSDP1Capture
 
         return FSDP1Capture(model, process_group)
+    if any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__):
+        raise TypeError("attach() got a DeepSpeed engine: use nongns_dist.deepspeed.initialize")
+    ranks = group_rank_and_size(process_group)[1]
+    if ranks == 1:
+        return LocalCapture(model)  # one process: per-micro-step samples
     raise TypeError(
-        f"attach() supports {_SUPPORTED}; got {type(model).__name__} "
-        "(for DeepSpeed use nongns_dist.deepspeed.initialize)"
+        f"attach() supports {_SUPPORTED}; got a plain {type(model).__name__} in a process group "
+        f"of {ranks} ranks: wrap it first, or pass a process_group of one rank to measure this "
+        "process alone"
     )
 
 
@@ -214,7 +232,9 @@ def attach(
     """Measure the noise scale of ``model`` and adapt its batch; returns the ``GNSMonitor``.
 
     ``model``: a ``DistributedDataParallel``, a ``fully_shard``-ed root module (FSDP2, HSDP on a
-    2-D mesh) or a ``FullyShardedDataParallel`` root (FSDP1). ``optimizer``: needed for
+    2-D mesh), a ``FullyShardedDataParallel`` root (FSDP1), or a plain module in one process
+    (no process group, or one of one rank): its samples are then the micro-steps of each step,
+    so it measures on steps with ``accumulation_steps >= 2``. ``optimizer``: needed for
     ``norm="auto"``; when given, its steps close the monitor's steps and receive the lr
     multiplier.
     ``micro_batch_size``: examples per rank per micro-step. ``accumulation_steps``: the initial

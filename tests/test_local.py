@@ -1,0 +1,90 @@
+"""One process, no process group: samples are the micro-steps of a step (capture/local.py)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from nongns_dist import GNSConfig, attach, estimate_gns
+from nongns_dist.estimators import MomentPool
+
+from .test_ddp import MICRO, Net, _batch, _loss, _make_optimizer
+
+
+def _run(norm: str, acc: int, steps: int = 3, **config):
+    torch.manual_seed(0)
+    module = Net()
+    reference = copy.deepcopy(module)
+    opt = _make_optimizer("muon" if norm == "auto" else "signum", module)
+    cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False, layer_breakdown=True, **config)
+    monitor = attach(module, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
+    norms = {t.name: t.norm for t in monitor.plan.params}
+    pool = MomentPool(cfg.pool_beta)
+    results = []
+    for step in range(steps):
+        reference.load_state_dict(module.state_dict())
+        samples = []  # each micro-step's gradient: the mean over its micro-batch, no division
+        for micro in range(acc):
+            reference.zero_grad()
+            _loss(reference, *_batch(0, step, micro)).backward()
+            samples.append(
+                {n: p.grad.detach().double().clone() for n, p in reference.named_parameters()
+                 if n in norms}
+            )  # fmt: skip
+        for micro in monitor.micro_steps():
+            with micro:
+                (_loss(module, *_batch(0, step, micro.index)) / micro.loss_divisor).backward()
+        opt.step()
+        opt.zero_grad()
+        expected = estimate_gns(samples, MICRO, norms, layer_breakdown=True, pool=pool)
+        results.append((monitor.last_estimate, expected))
+    return monitor, results
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "nuclear", "auto"])
+def test_one_process_estimate_equals_reference_on_micro_step_gradients(norm):
+    assert not dist.is_initialized()
+    monitor, results = _run(norm, acc=3)
+    assert monitor.session is not None and monitor.session.sample_kind == "micro"
+    for got, want in results:
+        assert (got.num_samples, got.sample_size) == (3, MICRO)
+        assert got.noise == pytest.approx(want.noise, rel=1e-5)
+        assert got.signal == pytest.approx(want.signal, rel=1e-5)
+        assert got.pooled_noise == pytest.approx(want.pooled_noise, rel=1e-5)
+        for name, layer in want.layers.items():
+            assert got.layers[name].noise == pytest.approx(layer.noise, rel=1e-5, abs=1e-12)
+    assert monitor.step == 3 and monitor.samples == 3 * 3 * MICRO
+
+
+def test_one_process_grows_its_batch():
+    torch.manual_seed(0)
+    module = Net()
+    opt = _make_optimizer("signum", module)
+    cfg = GNSConfig(norm="l1", interval=1, theta=0.05, max_batch_size=8 * MICRO)
+    monitor = attach(module, cfg, opt, micro_batch_size=MICRO, accumulation_steps=2)
+    lrs = []
+    for step in range(4):
+        for micro in monitor.micro_steps():
+            with micro:
+                (_loss(module, *_batch(0, step, micro.index)) / micro.loss_divisor).backward()
+        lrs.append((monitor.batch_size, monitor.controller.lr_multiplier))
+        opt.step()
+        opt.zero_grad()
+    assert monitor.batch_size == 8 * MICRO  # the cap: theta 0.05 asks for far more
+    assert all(m == pytest.approx((b / (2 * MICRO)) ** 0.5) for b, m in lrs)
+
+
+def test_one_process_with_one_micro_step_warns_and_does_not_measure(caplog):
+    with caplog.at_level(logging.WARNING, logger="nongns_dist"):
+        monitor, _ = _run("l1", acc=1, steps=0)
+    assert "accumulation_steps >= 2" in caplog.text
+    module = monitor.model
+    for micro in monitor.micro_steps():
+        with micro:
+            _loss(module, *_batch(0, 0, 0)).backward()
+    monitor.optimizer.step()
+    assert monitor.last_estimate is None and monitor.step == 1
