@@ -67,7 +67,8 @@ class GNSConfig:
     #: reads close to the population whatever the number of samples n (tr(C^{1/2}) from n = 2
     #: samples reads ~0.4x). Costs state: float32 per measured l1 coordinate on the rank that
     #: sums it, float64 m x m per matrix on its owner. ``False`` (with
-    #: ``bias_correction=False``): the paper's EMA of each measurement's noise, exactly.
+    #: ``bias_correction=False``): the paper's EMA of each measurement's noise, exactly. l2 is
+    #: linear in the moments and is never pooled.
     pool_moments: bool = True
     #: EMA coefficient of the pooled moments; ``ema_beta_noise`` is then not used for the noise.
     pool_beta: Beta = 0.95

@@ -409,7 +409,8 @@ def estimate_gns(
     (matrix parameters only; conv weights are flattened) or a mapping name -> norm/None.
     ``pool``: add this measurement's second moments to it (keyed by parameter name) and return
     the pooled noise as well (``GNSEstimate.pooled_noise``); call once per measurement with the
-    same pool. Every distributed path in this package must agree with this function.
+    same pool. Not for l2, which is linear in the moments (its pooled noise stays ``None``).
+    Every distributed path in this package must agree with this function.
 
     Example::
 
@@ -424,6 +425,8 @@ def estimate_gns(
     norms = _resolve_norms(list(named), {n: t.shape for n, t in named.items()}, norm)
     total = combined_norm(list(norms.values()))
     dof = num_samples - 1
+    if total == "l2":
+        pool = None  # linear in the moments: nothing to pool (MeasurementSession does the same)
 
     layers: dict[str, LayerEstimate] = {}
     noise_part = signal_part_sum = pooled_part = 0.0

@@ -148,6 +148,7 @@ def _check_equal(results, rtol):
             assert got.sample_size == want.sample_size and got.norm == want.norm
             assert got.noise == pytest.approx(want.noise, rel=rtol)
             assert got.signal == pytest.approx(want.signal, rel=rtol)
+            assert (got.pooled_noise is None) == (want.pooled_noise is None)
             if want.pooled_noise is not None:
                 assert got.pooled_noise == pytest.approx(want.pooled_noise, rel=rtol), [
                     (g.pooled_noise, w.pooled_noise) for g, w in rank_results

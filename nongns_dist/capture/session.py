@@ -126,7 +126,10 @@ class MeasurementSession:
         #: Second moments pooled over measurements (``config.pool_moments``): this rank's l1
         #: coordinates and the matrices it owns. Keys: (param index, first coordinate, count) of
         #: a slice in this rank's layout, or (param index,) of an owned matrix.
-        self.pool = MomentPool(config.pool_beta) if config.pool_moments else None
+        #: l2 (the Euclidean noise scale) is linear in the moments: pooling would change only
+        #: the smoothing, so it keeps the paper's EMA of the noise (no pool).
+        pooled = config.pool_moments and plan.norm != "l2"
+        self.pool = MomentPool(config.pool_beta) if pooled else None
         self._slices: dict[int, list[tuple[int, int, int]]] = {}
         self._touched: set[Hashable] = set()  # pool entries this measurement updated
 
