@@ -263,9 +263,10 @@ class MeasurementSession:
         floor: float,
     ) -> None:  # fmt: skip
         row = table[param.index]
-        if param.norm == "nuclear":
+        if param.norm == "nuclear":  # the pool keeps the upper triangle: half the state
             method, tol = self.config.sqrt_trace_method, self.config.sqrt_trace_tol
-            row[2] += sqrt_trace(pooled, method, tol=tol, floor=floor).to(row)
+            cov = triangle_to_gram(pooled, param.gram_size)
+            row[2] += sqrt_trace(cov, method, tol=tol, floor=floor).to(row)
         elif param.norm == "l1":
             correct = self.config.bias_correction
             row[2] += noise_from_variance(pooled, "l1", dof, bias_correction=correct).to(row)
@@ -440,9 +441,8 @@ class MeasurementSession:
         if self.pool is not None:
             key = (param.index,)
             self._touched.add(key)
-            self._add_pooled(
-                self._table(), param, *self.pool.update(key, cov, self.num_samples - 1, floor=floor)
-            )
+            pooled = self.pool.update(key, upper_triangle(cov), self.num_samples - 1, floor=floor)
+            self._add_pooled(self._table(), param, *pooled)
 
 
 class SampleAccumulator:
