@@ -70,8 +70,11 @@ class GNSConfig:
     #: ``bias_correction=False``): the paper's EMA of each measurement's noise, exactly. l2 is
     #: linear in the moments and is never pooled.
     pool_moments: bool = True
-    #: EMA coefficient of the pooled moments; ``ema_beta_noise`` is then not used for the noise.
-    pool_beta: Beta = 0.95
+    #: Degrees of freedom the pooled moments settle at (each square root then reads about as if
+    #: from pool_dof + 1 samples). A measurement of n samples enters with EMA weight
+    #: 2(n-1) / (pool_dof + n - 1), so the pool remembers about pool_dof / (2(n-1))
+    #: measurements: 50 at n = 2, 7 at n = 8. ``ema_beta_noise`` is not used for pooled noise.
+    pool_dof: Annotated[float, Field(gt=0.0, le=1e6)] = 100.0
     #: How the nuclear-norm estimate takes tr(C^{1/2}): LAPACK ``eigh`` or a matmul-only
     #: coupled Newton-Schulz iteration (faster on accelerators, see BENCHMARKS.md).
     sqrt_trace_method: SqrtTraceMethod = "eigh"

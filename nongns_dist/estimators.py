@@ -265,11 +265,25 @@ class MomentPool:
     the bias correction of the first 1/(1 - beta) measurements.
     """
 
-    def __init__(self, beta: float) -> None:
-        if not 0.0 <= beta < 1.0:
+    def __init__(self, beta: float | None = None, *, target_dof: float | None = None) -> None:
+        if (beta is None) == (target_dof is None):
+            raise ValueError("give a MomentPool either beta or target_dof")
+        if beta is not None and not 0.0 <= beta < 1.0:
             raise ValueError(f"pool beta must be in [0, 1), got {beta}")
+        if target_dof is not None and not target_dof > 0:
+            raise ValueError(f"pool target_dof must be > 0, got {target_dof}")
         self.beta = beta
+        self.target_dof = target_dof
         self._entries: dict[Hashable, _PoolEntry] = {}
+
+    def weight(self, dof: float) -> float:
+        """The EMA weight of a new moment with ``dof`` degrees of freedom: 1 - beta, or, with a
+        ``target_dof``, the weight 2 dof / (target + dof) at which the pool settles at
+        target_dof degrees of freedom whatever each measurement's (1 when it alone has more)."""
+        if self.target_dof is None:
+            assert self.beta is not None
+            return 1.0 - self.beta
+        return min(1.0, 2.0 * dof / (self.target_dof + dof))
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
@@ -293,22 +307,24 @@ class MomentPool:
         """Add one measurement's ``moment`` (estimated with ``dof`` degrees of freedom; ``floor``
         its rounding resolution) to entry ``key``; returns the bias-corrected pooled moment, its
         effective degrees of freedom and its pooled floor."""
-        beta = self.beta
+        alpha = self.weight(dof)
+        keep = 1.0 - alpha
         entry = self._entries.get(key)
         if entry is None or entry.value.shape != moment.shape:
             entry = _PoolEntry(torch.zeros_like(moment))
             self._entries[key] = entry
         ok = torch.isfinite(moment).all()
-        entry.value.copy_(torch.where(ok, entry.value * beta + moment * (1 - beta), entry.value))
-        entry.weight = beta * entry.weight + (1 - beta)
-        entry.inverse_dof = beta**2 * entry.inverse_dof + (1 - beta) ** 2 / dof
-        entry.floor = beta * entry.floor + (1 - beta) * floor
+        entry.value.copy_(torch.where(ok, entry.value * keep + moment * alpha, entry.value))
+        entry.weight = keep * entry.weight + alpha
+        entry.inverse_dof = keep**2 * entry.inverse_dof + alpha**2 / dof
+        entry.floor = keep * entry.floor + alpha * floor
         weight = entry.weight
         return entry.value / weight, weight**2 / entry.inverse_dof, entry.floor / weight
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "beta": self.beta,
+            "target_dof": self.target_dof,
             "entries": {
                 key: (e.value.clone(), e.weight, e.inverse_dof, e.floor)
                 for key, e in self._entries.items()
@@ -316,7 +332,7 @@ class MomentPool:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.beta = float(state["beta"])
+        self.beta, self.target_dof = state["beta"], state["target_dof"]
         self._entries = {
             key: _PoolEntry(value.clone(), weight, inverse_dof, floor)
             for key, (value, weight, inverse_dof, floor) in state["entries"].items()

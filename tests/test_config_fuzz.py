@@ -44,7 +44,9 @@ def _valid(field: str, value: Any) -> bool:
         return (is_float or is_int) and 0 < value < 1
     if field == "theta":
         return (is_float or is_int) and 0 < value <= 1e3
-    if field in ("ema_beta_noise", "ema_beta_signal", "pool_beta"):
+    if field == "pool_dof":
+        return (is_float or is_int) and 0 < value <= 1e6
+    if field in ("ema_beta_noise", "ema_beta_signal"):
         return (is_float or is_int) and 0 <= value < 1
     if field == "warmup_samples":
         return is_int and 0 <= value <= MAX_COUNT

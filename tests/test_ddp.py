@@ -78,7 +78,7 @@ def _equality_worker(rank, world_size, norm, acc, options):
                     check_consistency=True)  # fmt: skip
     monitor = attach(ddp, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
     norms = {t.name: t.norm for t in monitor.plan.params}
-    pool = MomentPool(cfg.pool_beta)
+    pool = MomentPool(target_dof=cfg.pool_dof)
     results = []
     for step in range(3):
         use_branch = not (options.get("unused") and step == 1)

@@ -83,7 +83,7 @@ def _equality(rank, world, stage, norm):
     plugin = engine.nongns
     reference = _model()
     kinds = {t.name: t.norm for t in plugin.plan.params}
-    pool = MomentPool(plugin.config.pool_beta)
+    pool = MomentPool(target_dof=plugin.config.pool_dof)
     errors = []
     for step in range(2):
         reference.load_state_dict(

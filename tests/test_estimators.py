@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nongns_dist import estimate_gns
+from nongns_dist import GNSConfig, estimate_gns
 from nongns_dist.estimators import (
     MomentPool,
     coordinate_partial_sums,
@@ -305,6 +305,18 @@ def test_moment_pool_is_the_bias_corrected_weighted_mean_of_its_moments():
     )
 
 
+def test_moment_pool_by_target_dof_settles_there_whatever_the_sample_count():
+    for dof in (1, 3, 7, 15):
+        pool = MomentPool(target_dof=40)
+        for _ in range(400):
+            _, eff_dof, _ = pool.update("x", torch.ones(3), dof)
+        assert eff_dof == pytest.approx(40, rel=1e-6)  # weight 2 dof / (40 + dof)
+    pool = MomentPool(target_dof=40)
+    assert pool.update("x", torch.ones(3), 63)[1] == 63  # enough alone: weight 1, no pooling
+    with pytest.raises(ValueError, match="either beta or target_dof"):
+        MomentPool(0.9, target_dof=40)
+
+
 def _synthetic_measurements(n, measurements, seed=0):
     """n samples of b=4 examples per measurement, per-example gradients with a KNOWN population:
     a 16 x 48 matrix whose noise is rank one per example, u v^T with u ~ N(0, C) (C's spectrum
@@ -331,12 +343,12 @@ def _synthetic_measurements(n, measurements, seed=0):
 def _mean_readings(n, norm, pooled, measurements=240):
     population, draws = _synthetic_measurements(n, measurements)
     norms = {"w": "nuclear", "v": None} if norm == "nuclear" else {"w": None, "v": "l1"}
-    pool = MomentPool(0.95) if pooled else None
+    pool = MomentPool(target_dof=GNSConfig().pool_dof) if pooled else None
     values = []
     for samples in draws:
         est = estimate_gns(samples, 4, norms, pool=pool, bias_correction=pooled)
         values.append(est.pooled_noise if pooled else est.noise)
-    settled = values[measurements // 2 :]  # past the pool's 1 / (1 - beta) = 20 measurements
+    settled = values[measurements // 2 :]  # past the pool's memory (50 measurements at n = 2)
     return sum(settled) / len(settled) / population[norm]
 
 

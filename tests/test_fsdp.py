@@ -111,7 +111,7 @@ def _equality_worker(rank, world_size, norm, acc, options):
                     check_consistency=True)  # fmt: skip
     monitor = attach(model, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
     norms = {t.name: t.norm for t in monitor.plan.params}
-    pool = MomentPool(cfg.pool_beta)
+    pool = MomentPool(target_dof=cfg.pool_dof)
     results = []
     dtype = torch.bfloat16 if options.get("bf16") else torch.float32
     reference.to(dtype)  # bf16 params: the reference computes in bf16 as FSDP's unsharded ones

@@ -23,7 +23,7 @@ def _run(norm: str, acc: int, steps: int = 3, **config):
     cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False, layer_breakdown=True, **config)
     monitor = attach(module, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
     norms = {t.name: t.norm for t in monitor.plan.params}
-    pool = MomentPool(cfg.pool_beta)
+    pool = MomentPool(target_dof=cfg.pool_dof)
     results = []
     for step in range(steps):
         reference.load_state_dict(module.state_dict())

@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--measurements", type=int, default=120, help="measurements per sequence")
     p.add_argument("--seed", type=int, default=1234, help="population windows and draws")
     p.add_argument("--delta", action="store_true", help="also: pooled + delta-method correction")
+    p.add_argument("--dofs", type=float, nargs="*", default=[], help="pools by target dof")
+    p.add_argument("--cache", default=None, help="file for the per-example gradients (reused)")
     return p.parse_args(argv)
 
 
@@ -146,7 +148,7 @@ def measure(
     geometry: Geometry,
     n: int,
     b: int,
-    pools: dict[float, MomentPool],
+    pools: dict[str, MomentPool],
     rng: np.random.Generator,
     delta: bool,
 ) -> dict[str, float]:
@@ -202,7 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     rng = np.random.default_rng(args.seed)
     windows = sample_windows(corpus.train, train_args["seq_len"], args.population, rng)
-    grads, columns, shapes = per_example_gradients(model, windows)
+    if args.cache and Path(args.cache).is_file():
+        grads, columns, shapes = torch.load(args.cache, weights_only=False)
+    else:
+        grads, columns, shapes = per_example_gradients(model, windows)
+        if args.cache:
+            torch.save((grads, columns, shapes), args.cache)
     geometry = Geometry(model, columns, shapes)
     population = population_noise(grads, geometry)
     print(
@@ -218,14 +225,16 @@ def main(argv: list[str] | None = None) -> None:
         f"population noise: l1 {population['l1']:.4g}, nuclear {population['nuclear']:.4g}; "
         f"{args.sequences} sequences x {args.measurements} measurements per (n, b)"
     )
-    names = ["paper", "raw"] + [f"pooled {beta}" for beta in args.betas]
-    names += [f"delta {beta}" for beta in args.betas] if args.delta else []
+    pool_names = [f"{beta}" for beta in args.betas] + [f"dof {dof:g}" for dof in args.dofs]
+    names = ["paper", "raw"] + [f"pooled {name}" for name in pool_names]
+    names += [f"delta {name}" for name in pool_names] if args.delta else []
     results: dict[tuple[int, int], dict[str, float]] = {}
     for n in args.samples:
         for b in args.sizes:
             sums: dict[str, list[float]] = {}
             for _ in range(args.sequences):
-                pools = {beta: MomentPool(beta) for beta in args.betas}
+                pools = {f"{beta}": MomentPool(beta) for beta in args.betas}
+                pools |= {f"dof {dof:g}": MomentPool(target_dof=dof) for dof in args.dofs}
                 for t in range(args.measurements):
                     values = measure(grads, geometry, n, b, pools, rng, args.delta)
                     for key, value in values.items():

@@ -129,7 +129,7 @@ class MeasurementSession:
         #: l2 (the Euclidean noise scale) is linear in the moments: pooling would change only
         #: the smoothing, so it keeps the paper's EMA of the noise (no pool).
         pooled = config.pool_moments and plan.norm != "l2"
-        self.pool = MomentPool(config.pool_beta) if pooled else None
+        self.pool = MomentPool(target_dof=config.pool_dof) if pooled else None
         self._slices: dict[int, list[tuple[int, int, int]]] = {}
         self._touched: set[Hashable] = set()  # pool entries this measurement updated
 
@@ -232,10 +232,10 @@ class MeasurementSession:
             where = "none" if state is None else f"rank {state['rank']} of {state['world_size']}"
             logger.warning(
                 "nongns_dist: no pooled moments for rank %d of %d in the checkpoint (%s): the "
-                "pool restarts (the noise reads low for about 1 / (1 - pool_beta) measurements)",
+                "pool restarts (it reads low until it holds pool_dof degrees of freedom)",
                 self.rank, self.world_size, where,
             )  # fmt: skip
-            self.pool = MomentPool(self.config.pool_beta)
+            self.pool = MomentPool(target_dof=self.config.pool_dof)
             self._slices = {}
             return False
         self.pool.load_state_dict(state)
