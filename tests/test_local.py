@@ -91,3 +91,16 @@ def test_one_process_with_one_micro_step_warns_and_does_not_measure(caplog):
             _loss(module, *_batch(0, 0, 0)).backward()
     monitor.optimizer.step()
     assert monitor.last_estimate is None and monitor.step == 1
+
+
+def test_one_process_refuses_more_backward_passes_than_micro_steps():
+    torch.manual_seed(0)
+    module = Net()
+    opt = _make_optimizer("signum", module)
+    monitor = attach(module, GNSConfig(norm="l1", interval=1), opt, micro_batch_size=MICRO,
+                     accumulation_steps=2)  # fmt: skip
+    for micro in range(3):  # one more than the monitor's 2: n would be wrong
+        (_loss(module, *_batch(0, 0, micro)) / 2).backward()
+    with pytest.raises(RuntimeError, match="backward passes"):
+        opt.step()
+    assert monitor.step == 0

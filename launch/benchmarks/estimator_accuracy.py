@@ -16,9 +16,11 @@ reports, per estimator, mean(estimate) / population:
     paper       each measurement's own estimate (no c4, no pooling); the paper's EMA of that
                 scalar has the same mean
     raw         each measurement's own estimate as the library logs it (l1 with c4(n))
-    pooled b    the library's default (b = 0.95): moments pooled over measurements
-                (MomentPool, EMA beta), read over the second half of each sequence
-    delta b     (--delta) pooled, plus a delta-method bias correction of the sqrt-trace
+    pooled dof T  the library's default (T = GNSConfig.pool_dof = 100): moments pooled over
+                  measurements (MomentPool(target_dof=T)), read over the second half of each
+                  sequence (--dofs)
+    pooled b      the same with a fixed EMA coefficient b instead (--betas)
+    delta ...     (--delta) pooled, plus a delta-method bias correction of the sqrt-trace
 
     python launch/benchmarks/estimator_accuracy.py --checkpoint runs/<run>/checkpoint.pt
 
@@ -56,12 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--population", type=int, default=768, help="training windows (examples)")
     p.add_argument("--samples", type=int, nargs="+", default=[2, 4, 8], help="n per measurement")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="b per sample")
-    p.add_argument("--betas", type=float, nargs="+", default=[0.9, 0.95, 0.98], help="pool betas")
+    p.add_argument("--betas", type=float, nargs="*", default=[0.95], help="pools by EMA beta")
     p.add_argument("--sequences", type=int, default=3, help="independent sequences per (n, b)")
     p.add_argument("--measurements", type=int, default=120, help="measurements per sequence")
     p.add_argument("--seed", type=int, default=1234, help="population windows and draws")
     p.add_argument("--delta", action="store_true", help="also: pooled + delta-method correction")
-    p.add_argument("--dofs", type=float, nargs="*", default=[], help="pools by target dof")
+    p.add_argument("--dofs", type=float, nargs="*", default=[100.0], help="pools by target dof")
     p.add_argument("--cache", default=None, help="file for the per-example gradients (reused)")
     return p.parse_args(argv)
 

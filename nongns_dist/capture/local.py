@@ -36,6 +36,7 @@ class LocalCapture:
         self.session: MeasurementSession | None = None
         self._handles: list[RemovableHandle] = []
         self._accumulator: SampleAccumulator | None = None
+        self._samples: dict[int, int] = {}  # per parameter: samples added this measuring step
 
     # -- GradientCapture -----------------------------------------------------------------------
     def plan_entries(self, norm: str, optimizer: torch.optim.Optimizer | None) -> list[PlanEntry]:
@@ -61,7 +62,14 @@ class LocalCapture:
     def flush(self) -> None:
         """At the boundary: the step's samples into the session (nothing when not measuring)."""
         session = self.session
+        samples, self._samples = self._samples, {}
         if session is not None and session.armed:
+            if samples and max(samples.values()) > session.accumulation_steps:
+                raise RuntimeError(
+                    f"a measuring step of {session.accumulation_steps} micro-steps ran "
+                    f"{max(samples.values())} backward passes: each is a sample, so run exactly "
+                    "the micro-steps of monitor.micro_steps()"
+                )
             (self._accumulator or SampleAccumulator(session)).flush(self.device)
         self._accumulator = None
 
@@ -76,6 +84,7 @@ class LocalCapture:
                 return
             if self._accumulator is None:
                 self._accumulator = SampleAccumulator(session)
+            self._samples[tracked.index] = self._samples.get(tracked.index, 0) + 1
             # MicroStep.loss_divisor divided the micro-batch's mean loss by the accumulation
             # count: undo it, so the sample is the micro-batch's mean gradient.
             self._accumulator.add(tracked, grad * session.accumulation_steps)
