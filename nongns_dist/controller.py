@@ -254,6 +254,7 @@ class BatchSizeController:
         return {key: getattr(self, key) for key in self._STATE_KEYS}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = {"pooled_noise": None, **state}  # checkpoints from before pooling lack it
         missing = sorted(set(self._STATE_KEYS) - set(state))
         extra = sorted(set(state) - set(self._STATE_KEYS))
         if missing or extra:

@@ -42,6 +42,7 @@ __all__ = [
     "finish",
     "gram_partial_sums",
     "noise_from_variance",
+    "pooled_noise_part",
     "sample_covariance",
     "sample_variance",
 ]
@@ -226,6 +227,26 @@ def mean_signal(
     return sqrt_trace(mean_gram, method, tol=tol, floor=floor).to(torch.float64)
 
 
+def pooled_noise_part(
+    pooled: torch.Tensor,
+    norm: str,
+    dof: float,
+    floor: float = 0.0,
+    *,
+    method: SqrtTraceMethod = "eigh",
+    tol: float = 1e-3,
+    bias_correction: bool = True,
+) -> torch.Tensor:
+    """Additive noise part of a pooled moment (``MomentPool.update``'s result): for l1, the
+    per-coordinate variances, sum sqrt / c4(dof); for nuclear, the covariance, tr(C^{1/2})
+    with eigenvalues at or below ``floor`` counted as zero. float64."""
+    if norm == "nuclear":
+        return sqrt_trace(pooled, method, tol=tol, floor=floor).to(torch.float64)
+    if norm == "l1":
+        return noise_from_variance(pooled, "l1", dof, bias_correction=bias_correction)
+    raise ValueError(f"only l1 and nuclear moments are pooled (l2 is linear in them), got {norm!r}")
+
+
 def finish(noise_part: float, signal_part: float, norm: str) -> tuple[float, float]:
     """Turn summed partial sums into (noise, signal): square for the dual norms l1/nuclear."""
     if norm == "l2":
@@ -254,15 +275,16 @@ class MomentPool:
     tr(C_hat^{1/2}) and sum_i sigma_hat_i are concave in the second moments: from n samples they
     read low (nuclear: ~0.4 of the population at n = 2 on real gradients). Averaging the
     moments BEFORE the square root, per coordinate (sigma_hat_i^2) and per matrix (C_hat), gives
-    each square root about (n - 1)(1 + beta)/(1 - beta) degrees of freedom instead of n - 1.
-    The paper averages the finished noise scalar instead (``GNSConfig.pool_moments=False``).
+    each square root many more degrees of freedom than n - 1. The paper averages the finished
+    noise scalar instead (``GNSConfig.pool_moments=False``).
 
-    Entries are keyed by the caller (a parameter slice, a matrix) and bias-corrected by their
-    own count: pooled = EMA / (1 - beta^k). Each also tracks its effective degrees of freedom,
+    The EMA weight of a new moment is ``weight(dof)``: with ``target_dof`` (the library's mode,
+    ``GNSConfig.pool_dof``) 2 dof / (target + dof), so the pool settles at ``target_dof``
+    degrees of freedom whatever each measurement's; with ``beta``, a fixed 1 - beta. Entries are
+    keyed by the caller (a parameter slice, a matrix) and bias-corrected by their own weights:
+    pooled = EMA / (sum of the weights). Each also tracks its effective degrees of freedom,
     1 / sum_j (w_j^2 / dof_j) with normalised weights w_j (Satterthwaite), for the l1 c4
-    correction. A moment with a non-finite value does not enter its entry (checked on the
-    moment's device, without a host sync); it still counts as an update, which matters only for
-    the bias correction of the first 1/(1 - beta) measurements.
+    correction. A moment with a non-finite value is not added at all (a host sync per update).
     """
 
     def __init__(self, beta: float | None = None, *, target_dof: float | None = None) -> None:
@@ -313,28 +335,34 @@ class MomentPool:
         if entry is None or entry.value.shape != moment.shape:
             entry = _PoolEntry(torch.zeros_like(moment))
             self._entries[key] = entry
-        ok = torch.isfinite(moment).all()
-        entry.value.copy_(torch.where(ok, entry.value * keep + moment * alpha, entry.value))
-        entry.weight = keep * entry.weight + alpha
-        entry.inverse_dof = keep**2 * entry.inverse_dof + alpha**2 / dof
-        entry.floor = keep * entry.floor + alpha * floor
+        if bool(torch.isfinite(moment).all()) and math.isfinite(floor):
+            entry.value.mul_(keep).add_(moment, alpha=alpha)
+            entry.weight = keep * entry.weight + alpha
+            entry.inverse_dof = keep**2 * entry.inverse_dof + alpha**2 / dof
+            entry.floor = keep * entry.floor + alpha * floor
+        if entry.weight == 0:  # nothing finite has entered yet
+            return torch.full_like(entry.value, math.nan), math.nan, math.nan
         weight = entry.weight
         return entry.value / weight, weight**2 / entry.inverse_dof, entry.floor / weight
 
     def state_dict(self) -> dict[str, Any]:
+        """The entries on the CPU (a checkpoint loads on any device), and the weighting."""
         return {
             "beta": self.beta,
             "target_dof": self.target_dof,
             "entries": {
-                key: (e.value.clone(), e.weight, e.inverse_dof, e.floor)
+                key: (e.value.cpu().clone(), e.weight, e.inverse_dof, e.floor)
                 for key, e in self._entries.items()
             },
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.beta, self.target_dof = state["beta"], state["target_dof"]
+    def load_state_dict(
+        self, state: Mapping[str, Any], device: torch.device | str | None = None
+    ) -> None:
+        """Continue from ``state_dict()``, entries moved to ``device``; this pool's own
+        weighting (beta / target_dof) stays, so a changed config applies from now on."""
         self._entries = {
-            key: _PoolEntry(value.clone(), weight, inverse_dof, floor)
+            key: _PoolEntry(value.to(device, copy=True), weight, inverse_dof, floor)
             for key, (value, weight, inverse_dof, floor) in state["entries"].items()
         }
 
@@ -462,19 +490,20 @@ def estimate_gns(
             noise_t = sqrt_trace(cov, sqrt_trace_method, floor=floor).to(torch.float64)
             signal_t = mean_signal(mean @ mean.T, sqrt_trace_method)
             if pool is not None:
-                pooled, _, pooled_floor = pool.update(name, cov, dof, floor=floor)
-                pooled_part += float(sqrt_trace(pooled, sqrt_trace_method, floor=pooled_floor))
+                pooled, pooled_dof, pooled_floor = pool.update(name, cov, dof, floor=floor)
+                pooled_part += float(
+                    pooled_noise_part(
+                        pooled, kind, pooled_dof, pooled_floor, method=sqrt_trace_method
+                    )
+                )
         else:
             var = sample_variance(stack.mean(0), stack.square().sum(0), num_samples, sample_size)
             noise_t = noise_from_variance(var, kind, dof, bias_correction=bias_correction)  # type: ignore[arg-type]
             signal_t = signal_part(stack.mean(0), kind)  # type: ignore[arg-type]
-            if pool is not None:
-                moment = var if kind == "l1" else var.sum()
-                pooled, pooled_dof, _ = pool.update(name, moment, dof)
+            if pool is not None:  # l1 here: l2 is never pooled
+                pooled, pooled_dof, _ = pool.update(name, var, dof)
                 pooled_part += float(
-                    noise_from_variance(pooled, "l1", pooled_dof, bias_correction=bias_correction)
-                    if kind == "l1"
-                    else pooled
+                    pooled_noise_part(pooled, kind, pooled_dof, bias_correction=bias_correction)
                 )
         noise_part += float(noise_t)
         signal_part_sum += float(signal_t)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nongns_dist import GNSConfig, attach, estimate_gns
+from nongns_dist.capture.collectives import segment_parts
 from nongns_dist.estimators import MomentPool
 from nongns_dist.optim import Muon, Signum, muon_param_groups
 
@@ -349,3 +350,16 @@ def test_each_data_parallel_group_measures_its_own_ranks(norm):
         assert got.signal == pytest.approx(want.signal, rel=1e-5)
     # the two groups hold different ranks' gradients: different estimates
     assert results[0][0].noise == results[2][0].noise != results[1][0].noise
+
+
+def test_segment_parts_split_every_segment_evenly_and_cover_it_once():
+    segments = [(0, 7), (7, 8), (8, 20), (30, 33)]  # (20, 30) is not measured: it does not travel
+    for world in (1, 2, 3, 4):
+        covered = []
+        for rank in range(world):
+            parts, length = segment_parts(segments, world, rank)
+            assert length == sum(-(-(end - start) // world) for start, end in segments)
+            for (start, end), (offset, count, at) in zip(segments, parts, strict=True):
+                assert 0 <= count <= -(-(end - start) // world) and at + count <= length
+                covered += range(start + offset, start + offset + count)
+        assert sorted(covered) == [i for a, b in segments for i in range(a, b)]

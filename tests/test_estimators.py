@@ -298,7 +298,7 @@ def test_moment_pool_is_the_bias_corrected_weighted_mean_of_its_moments():
     before = pool.value("x").clone()
     pool.update("x", bad, 1)
     torch.testing.assert_close(pool.value("x"), before)  # a non-finite moment does not enter
-    copy = MomentPool(0.5)
+    copy = MomentPool(beta)
     copy.load_state_dict(pool.state_dict())
     torch.testing.assert_close(
         copy.update("x", moments[0], 1)[0], pool.update("x", moments[0], 1)[0]

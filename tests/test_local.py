@@ -104,3 +104,46 @@ def test_one_process_refuses_more_backward_passes_than_micro_steps():
     with pytest.raises(RuntimeError, match="backward passes"):
         opt.step()
     assert monitor.step == 0
+
+
+def _steps(module, monitor, opt, steps):
+    for step in steps:
+        for micro in monitor.micro_steps():
+            with micro:
+                (_loss(module, *_batch(0, step, micro.index)) / micro.loss_divisor).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("norm", ["l1", "nuclear"])
+def test_pooled_moments_resume_from_the_monitor_state(norm):
+    cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False)
+
+    def fresh(weights=None):
+        torch.manual_seed(0)
+        module = Net()
+        if weights is not None:
+            module.load_state_dict(weights)
+        opt = _make_optimizer("signum", module)
+        return module, attach(module, cfg, opt, micro_batch_size=MICRO, accumulation_steps=2), opt
+
+    module, monitor, opt = fresh()
+    _steps(module, monitor, opt, [0, 1])
+    state, weights = copy.deepcopy(monitor.state_dict()), copy.deepcopy(module.state_dict())
+    assert state["pool"]["params"] == [t.name for t in monitor.plan.params]
+    _steps(module, monitor, opt, [2])
+    resumed, restarted = fresh(weights), fresh(weights)
+    resumed[1].load_state_dict(state)
+    for run in (resumed, restarted):
+        _steps(*run, [2])
+    want = monitor.last_estimate
+    got, cold = resumed[1].last_estimate, restarted[1].last_estimate
+    assert got.noise == pytest.approx(want.noise, rel=1e-12)  # the same step's gradients
+    assert got.pooled_noise == pytest.approx(want.pooled_noise, rel=1e-12)
+    assert cold.pooled_noise != pytest.approx(want.pooled_noise, rel=1e-3)  # the pool matters
+    other = copy.deepcopy(state)
+    other["pool"]["rank"] = 1  # another rank's moments: refused, the pool restarts
+    module, monitor, opt = fresh(weights)
+    monitor.load_state_dict(other)
+    _steps(module, monitor, opt, [2])
+    assert monitor.last_estimate.pooled_noise == pytest.approx(cold.pooled_noise, rel=1e-12)

@@ -46,6 +46,7 @@ from launch.llama import Llama, LlamaConfig
 from nongns_dist.estimators import (
     MomentPool,
     noise_from_variance,
+    pooled_noise_part,
     sample_covariance,
 )
 from nongns_dist.norms import as_matrix, sqrt_trace
@@ -169,10 +170,10 @@ def measure(
         "paper/l1": float(noise_from_variance(var, "l1", n - 1, bias_correction=False)) ** 2,
         "raw/l1": float(noise_from_variance(var, "l1", n - 1)) ** 2,
     }
-    pooled_l1 = {beta: 0.0 for beta in pools}
+    pooled_l1 = dict.fromkeys(pools, 0.0)
     for beta, pool in pools.items():
         moment, dof, _ = pool.update("l1", var, n - 1)
-        pooled_l1[beta] = float(noise_from_variance(moment, "l1", dof))
+        pooled_l1[beta] = float(pooled_noise_part(moment, "l1", dof))
     raw_nuclear = 0.0
     pooled_nuclear = dict.fromkeys(pools, 0.0)
     delta_nuclear = dict.fromkeys(pools, 0.0)
@@ -184,7 +185,7 @@ def measure(
         raw_nuclear += float(sqrt_trace(cov, floor=floor))
         for beta, pool in pools.items():
             moment, dof, pooled_floor = pool.update(name, cov, n - 1, floor=floor)
-            pooled_nuclear[beta] += float(sqrt_trace(moment, floor=pooled_floor))
+            pooled_nuclear[beta] += float(pooled_noise_part(moment, "nuclear", dof, pooled_floor))
             if delta:
                 delta_nuclear[beta] += float(delta_corrected_sqrt_trace(moment, dof, pooled_floor))
     out["paper/nuclear"] = out["raw/nuclear"] = raw_nuclear**2
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     rng = np.random.default_rng(args.seed)
     windows = sample_windows(corpus.train, train_args["seq_len"], args.population, rng)
-    if args.cache and Path(args.cache).is_file():
+    cached = bool(args.cache) and Path(args.cache).is_file()
+    if cached:
         grads, columns, shapes = torch.load(args.cache, weights_only=False)
     else:
         grads, columns, shapes = per_example_gradients(model, windows)
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model: {grads.shape[1]:,} parameters, {len(geometry.matrices)} Muon-group matrices; "
         f"population: {args.population} windows of {train_args['seq_len']} tokens "
-        f"({time.perf_counter() - started:.0f} s for the per-example gradients)"
+        f"({time.perf_counter() - started:.0f} s for the per-example gradients"
+        f"{', read from ' + args.cache if cached else ''})"
     )
     print(
         f"population noise: l1 {population['l1']:.4g}, nuclear {population['nuclear']:.4g}; "

@@ -40,6 +40,11 @@ class GradientCapture(Protocol):
         """Accumulate this micro-step's gradient locally, without reducing it."""
         ...
 
+    def flush(self) -> None:
+        """At the step boundary, before the session finishes: hand over samples kept until then
+        (backends whose samples arrive over micro-steps); a no-op for the others."""
+        ...
+
     def remove(self) -> None:
         """Undo ``install`` where the engine allows it."""
         ...

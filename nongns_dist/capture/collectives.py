@@ -26,6 +26,7 @@ __all__ = [
     "reduce_scatter",
     "reduce_scatter_rows",
     "reduce_scatter_segments",
+    "segment_parts",
     "reduce_to_owners",
     "triangle_to_gram",
     "upper_triangle",

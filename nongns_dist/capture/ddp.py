@@ -65,6 +65,9 @@ class DDPCapture:
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
         return self.model.no_sync()
 
+    def flush(self) -> None:
+        """Nothing waits for the boundary: buckets / units are finished as they are reduced."""
+
     def remove(self) -> None:
         """DDP cannot unregister a comm hook: this only stops measuring (build a new DDP)."""
         self.session = None

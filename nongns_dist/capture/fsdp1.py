@@ -136,6 +136,9 @@ class FSDP1Capture:
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
         return self.model.no_sync()
 
+    def flush(self) -> None:
+        """Nothing waits for the boundary: units are finished as they are reduced."""
+
     def remove(self) -> None:
         """FSDP cannot unregister a comm hook: this only stops measuring (the hook stays the
         default reduction)."""

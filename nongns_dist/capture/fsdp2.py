@@ -203,6 +203,9 @@ class FSDP2Capture:
         finally:
             self.model.set_requires_gradient_sync(True)
 
+    def flush(self) -> None:
+        """Nothing waits for the boundary: buckets / units are finished as they are reduced."""
+
     def remove(self) -> None:
         """Stop measuring; the pass-through comm stays (FSDP2 has no way to unset it)."""
         self.session = None

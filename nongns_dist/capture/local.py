@@ -64,11 +64,12 @@ class LocalCapture:
         session = self.session
         samples, self._samples = self._samples, {}
         if session is not None and session.armed:
-            if samples and max(samples.values()) > session.accumulation_steps:
+            ran = max(samples.values(), default=0)
+            if ran != session.accumulation_steps:
                 raise RuntimeError(
-                    f"a measuring step of {session.accumulation_steps} micro-steps ran "
-                    f"{max(samples.values())} backward passes: each is a sample, so run exactly "
-                    "the micro-steps of monitor.micro_steps()"
+                    f"a measuring step of {session.accumulation_steps} micro-steps ran {ran} "
+                    "backward passes: each is a sample, so run exactly the micro-steps of "
+                    "monitor.micro_steps()"
                 )
             (self._accumulator or SampleAccumulator(session)).flush(self.device)
         self._accumulator = None

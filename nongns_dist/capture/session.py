@@ -48,6 +48,7 @@ from nongns_dist.estimators import (
     finish,
     mean_signal,
     noise_from_variance,
+    pooled_noise_part,
     sample_covariance,
     sample_variance,
     signal_part,
@@ -220,7 +221,12 @@ class MeasurementSession:
         """This rank's pooled moments, tagged with its rank and group size; None when not pooled."""
         if self.pool is None:
             return None
-        return {"rank": self.rank, "world_size": self.world_size, **self.pool.state_dict()}
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "params": [t.name for t in self.plan.params],  # what the entries' indices mean
+            **self.pool.state_dict(),
+        }
 
     def load_pool_state(self, state: dict[str, Any] | None) -> bool:
         """Continue from ``pool_state()`` of the same rank in a group of the same size; anything
@@ -228,8 +234,17 @@ class MeasurementSession:
         Returns whether the state was loaded."""
         if self.pool is None:
             return False
-        if state is None or (state["rank"], state["world_size"]) != (self.rank, self.world_size):
-            where = "none" if state is None else f"rank {state['rank']} of {state['world_size']}"
+        names = [t.name for t in self.plan.params]
+        if state is not None and state["params"] != names:
+            state, where = None, "taken with other measured parameters"
+        elif state is not None and (state["rank"], state["world_size"]) != (
+            self.rank, self.world_size,
+        ):  # fmt: skip
+            where = f"rank {state['rank']} of {state['world_size']}"
+            state = None
+        else:
+            where = "none"
+        if state is None:
             logger.warning(
                 "nongns_dist: no pooled moments for rank %d of %d in the checkpoint (%s): the "
                 "pool restarts (it reads low until it holds pool_dof degrees of freedom)",
@@ -238,7 +253,7 @@ class MeasurementSession:
             self.pool = MomentPool(target_dof=self.config.pool_dof)
             self._slices = {}
             return False
-        self.pool.load_state_dict(state)
+        self.pool.load_state_dict(state, self.device)
         self._slices = {}
         for key in self.pool.entry_keys():
             if isinstance(key, tuple) and len(key) == 3:  # a coordinate slice
@@ -262,16 +277,13 @@ class MeasurementSession:
         self, table: torch.Tensor, param: TrackedParam, pooled: torch.Tensor, dof: float,
         floor: float,
     ) -> None:  # fmt: skip
-        row = table[param.index]
         if param.norm == "nuclear":  # the pool keeps the upper triangle: half the state
-            method, tol = self.config.sqrt_trace_method, self.config.sqrt_trace_tol
-            cov = triangle_to_gram(pooled, param.gram_size)
-            row[2] += sqrt_trace(cov, method, tol=tol, floor=floor).to(row)
-        elif param.norm == "l1":
-            correct = self.config.bias_correction
-            row[2] += noise_from_variance(pooled, "l1", dof, bias_correction=correct).to(row)
-        else:  # l2: the pooled sum of variances
-            row[2] += pooled.to(row)
+            pooled = triangle_to_gram(pooled, param.gram_size)
+        row = table[param.index]
+        row[2] += pooled_noise_part(
+            pooled, param.norm, dof, floor, method=self.config.sqrt_trace_method,
+            tol=self.config.sqrt_trace_tol, bias_correction=self.config.bias_correction,
+        ).to(row)  # fmt: skip
 
     def _table(self) -> torch.Tensor:
         if self._partial is None:
@@ -301,16 +313,15 @@ class MeasurementSession:
             row = table[param.index]
             row[0] += noise_from_variance(var, norm, dof, bias_correction=correct).to(row.device)  # type: ignore[arg-type]
             row[1] += signal_part(mean[start:end].float(), norm).to(row.device)  # type: ignore[arg-type]
-            if self.pool is not None:
+            if self.pool is not None:  # l1 (l2 is never pooled)
                 key = self._slice_key(param.index, offset + start, end - start)
-                # l2 is linear in the variances: pooling their sum is the same, and is one scalar
-                moment = var if norm == "l1" else var.sum(dtype=torch.float64)
                 self._touched.add(key)
-                self._add_pooled(table, param, *self.pool.update(key, moment, dof))
+                self._add_pooled(table, param, *self.pool.update(key, var, dof))
 
     def _slice_key(self, index: int, first: int, count: int) -> tuple[int, int, int]:
-        """Pool key of a slice; a slice that overlaps another of the same parameter (a layout
-        change: DDP rebuilds its buckets after the first step) replaces it."""
+        """Pool key of a slice; a slice that overlaps another of the same parameter (a backend
+        whose layout changed) replaces it. DDP's per-parameter segments and FSDP's shards keep
+        their layout, so this is a guard, not the common case."""
         key = (index, first, count)
         assert self.pool is not None
         if key not in self.pool:
@@ -430,14 +441,15 @@ class MeasurementSession:
         """Owner: finish ``param`` from the summed Gram (of deviations when ``centred``, else of
         the samples) and the mean gradient: two scalars into the table."""
         mean = as_matrix(mean_grad.detach().reshape(param.shape)).to(torch.float64)
+        mean_gram = mean @ mean.T
         method, tol = self.config.sqrt_trace_method, self.config.sqrt_trace_tol
         cov, floor = sample_covariance(
-            gram_sum.to(torch.float64), mean @ mean.T, self.num_samples, self.sample_size,
+            gram_sum.to(torch.float64), mean_gram, self.num_samples, self.sample_size,
             centered=centred,
         )  # fmt: skip
         row = self._table()[param.index]
         row[0] += sqrt_trace(cov, method, tol=tol, floor=floor).to(row)
-        row[1] += mean_signal(mean @ mean.T, method, tol=tol).to(row)
+        row[1] += mean_signal(mean_gram, method, tol=tol).to(row)
         if self.pool is not None:
             key = (param.index,)
             self._touched.add(key)

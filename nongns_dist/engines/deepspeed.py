@@ -134,7 +134,11 @@ class DeepSpeedGNSPlugin(StepCore):
                 self.load_state_dict(client_state.pop("nongns"))
                 if path is not None and self.session is not None:
                     file = self._pool_file(os.path.dirname(path))
-                    pool = torch.load(file, weights_only=True) if os.path.exists(file) else None
+                    pool = (
+                        torch.load(file, map_location="cpu", weights_only=True)
+                        if os.path.exists(file)
+                        else None
+                    )
                     self.session.load_pool_state(pool)
             return path, client_state
 
@@ -152,10 +156,12 @@ class DeepSpeedGNSPlugin(StepCore):
         return {**super().state_dict(include_pool=include_pool), "micro_step": self.micro_step}
 
     def _pool_file(self, tag_dir: str) -> str:
-        """This data-parallel rank's pooled moments, beside DeepSpeed's files of the tag."""
+        """This rank's pooled moments, beside DeepSpeed's files of the tag (named by the global
+        rank too: tensor- or pipeline-parallel peers share a data-parallel rank)."""
         session = self.session
         assert session is not None
-        return os.path.join(tag_dir, f"nongns_pool_dp{session.rank}_of_{session.world_size}.pt")
+        name = f"nongns_pool_rank{dist.get_rank()}_dp{session.rank}_of_{session.world_size}.pt"
+        return os.path.join(tag_dir, name)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

@@ -183,9 +183,7 @@ class GNSMonitor(StepCore):
         the optimizer skipped, e.g. a GradScaler overflow, so that its samples are counted)."""
         if self.session is not None:
             self._reductions_at_close = self.session.reductions
-            flush = getattr(self.capture, "flush", None)
-            if flush is not None:  # backends whose samples wait for the boundary (one process)
-                flush()
+            self.capture.flush()  # samples kept until the boundary (one process)
         return self.close_step()
 
     def detach(self) -> None:
