@@ -26,8 +26,8 @@ __all__ = [
     "reduce_scatter",
     "reduce_scatter_rows",
     "reduce_scatter_segments",
-    "segment_parts",
     "reduce_to_owners",
+    "segment_parts",
     "triangle_to_gram",
     "upper_triangle",
 ]
