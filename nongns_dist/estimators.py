@@ -239,7 +239,10 @@ def pooled_noise_part(
 ) -> torch.Tensor:
     """Additive noise part of a pooled moment (``MomentPool.update``'s result): for l1, the
     per-coordinate variances, sum sqrt / c4(dof); for nuclear, the covariance, tr(C^{1/2})
-    with eigenvalues at or below ``floor`` counted as zero. float64."""
+    with eigenvalues at or below ``floor`` counted as zero. float64. NaN when nothing finite has
+    entered the pool yet (``dof`` NaN), without a decomposition of the placeholder."""
+    if math.isnan(dof):
+        return torch.tensor(math.nan, dtype=torch.float64, device=pooled.device)
     if norm == "nuclear":
         return sqrt_trace(pooled, method, tol=tol, floor=floor).to(torch.float64)
     if norm == "l1":

@@ -14,6 +14,7 @@ from nongns_dist.estimators import (
     coordinate_partial_sums,
     finish,
     gram_partial_sums,
+    pooled_noise_part,
 )
 from nongns_dist.norms import c4
 
@@ -294,6 +295,9 @@ def test_moment_pool_is_the_bias_corrected_weighted_mean_of_its_moments():
         # Satterthwaite: var of the pooled chi-square mean = sum (w/total)^2 * 2/dof
         want_dof = 1 / sum((w / total) ** 2 / d for w, d in zip(weights, dofs, strict=False))
         assert eff_dof == pytest.approx(want_dof)
+    fresh = MomentPool(target_dof=10)  # nothing finite entered yet: NaN, not an error
+    value, dof, floor = fresh.update("y", torch.full((2, 2), math.inf), 1)
+    assert math.isnan(dof) and math.isnan(float(pooled_noise_part(value, "nuclear", dof, floor)))
     bad = torch.tensor([1.0, float("nan"), 1, 1, 1], dtype=torch.float64)
     before = pool.value("x").clone()
     pool.update("x", bad, 1)
