@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from nongns_dist.capture.plan import PlanEntry, TrackedParam, group_kinds, plan_entries
+from nongns_dist.capture.plan import PlanEntry, TrackedParam, module_plan_entries
 from nongns_dist.capture.session import MeasurementSession, SampleKind, exact_sum_travels
 
 __all__ = ["DDPCapture", "gns_allreduce_hook"]
@@ -51,15 +51,12 @@ class DDPCapture:
 
     # -- GradientCapture -----------------------------------------------------------------------
     def plan_entries(self, norm: str, optimizer: torch.optim.Optimizer | None) -> list[PlanEntry]:
-        kinds = group_kinds(optimizer, norm) if optimizer is not None else None
-        return plan_entries(self.model.module.named_parameters(), norm, kinds)
+        return module_plan_entries(self.model.module, norm, optimizer)
 
     def install(self, session: MeasurementSession) -> None:
         self.session = session
-        for name, param in self.model.module.named_parameters():
-            tracked = session.plan.get(name)
-            if tracked is not None:
-                self.tracked[id(param)] = tracked
+        for param, tracked in session.plan.tracked(self.model.module.named_parameters()):
+            self.tracked[id(param)] = tracked
         self.model.register_comm_hook(self, gns_allreduce_hook)
 
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:

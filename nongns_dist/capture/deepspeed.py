@@ -142,10 +142,8 @@ class DeepSpeedCapture:
     def install(self, session: MeasurementSession) -> None:
         """Start feeding ``session`` whenever it is armed."""
         self.session = session
-        for name, param in self.named_parameters():
-            tracked = session.plan.get(name)
-            if tracked is not None:
-                self._tracked[id(param)] = tracked
+        for param, tracked in session.plan.tracked(self.named_parameters()):
+            self._tracked[id(param)] = tracked
         self._wrap_entry_point()
 
     def flush(self) -> None:

@@ -37,7 +37,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from nongns_dist.capture.collectives import all_gather
-from nongns_dist.capture.plan import PlanEntry, TrackedParam, group_kinds, plan_entries
+from nongns_dist.capture.plan import PlanEntry, TrackedParam, module_plan_entries
 from nongns_dist.capture.session import MeasurementSession, SampleKind, exact_sum_travels
 
 __all__ = ["FSDP2Capture", "slot_width", "unchunk"]
@@ -181,15 +181,12 @@ class FSDP2Capture:
     # -- GradientCapture -----------------------------------------------------------------------
     def plan_entries(self, norm: str, optimizer: torch.optim.Optimizer | None) -> list[PlanEntry]:
         # DTensor parameters report their global shape: no shard-shape correction needed
-        kinds = group_kinds(optimizer, norm) if optimizer is not None else None
-        return plan_entries(self.model.named_parameters(), norm, kinds)
+        return module_plan_entries(self.model, norm, optimizer)
 
     def install(self, session: MeasurementSession) -> None:
         self.session = session
-        for name, param in self.model.named_parameters():
-            tracked = session.plan.get(name)
-            if tracked is not None:
-                self.tracked[id(param)] = tracked
+        for param, tracked in session.plan.tracked(self.model.named_parameters()):
+            self.tracked[id(param)] = tracked
         for unit in self.units:
             unit.module.set_custom_reduce_scatter(unit.comm)  # type: ignore[arg-type]
             unit.module.set_all_reduce_hook(self._hook(unit))

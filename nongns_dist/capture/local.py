@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from nongns_dist.capture.plan import PlanEntry, TrackedParam, group_kinds, plan_entries
+from nongns_dist.capture.plan import PlanEntry, TrackedParam, module_plan_entries
 from nongns_dist.capture.session import MeasurementSession, SampleAccumulator, SampleKind
 
 __all__ = ["LocalCapture"]
@@ -40,15 +40,12 @@ class LocalCapture:
 
     # -- GradientCapture -----------------------------------------------------------------------
     def plan_entries(self, norm: str, optimizer: torch.optim.Optimizer | None) -> list[PlanEntry]:
-        kinds = group_kinds(optimizer, norm) if optimizer is not None else None
-        return plan_entries(self.model.named_parameters(), norm, kinds)
+        return module_plan_entries(self.model, norm, optimizer)
 
     def install(self, session: MeasurementSession) -> None:
         self.session = session
-        for name, param in self.model.named_parameters():
-            tracked = session.plan.get(name)
-            if tracked is not None:
-                self._handles.append(param.register_hook(self._hook(tracked)))
+        for param, tracked in session.plan.tracked(self.model.named_parameters()):
+            self._handles.append(param.register_hook(self._hook(tracked)))
 
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()  # nothing is reduced

@@ -7,7 +7,7 @@ parameter objects, so names are the one key every backend can map its own tensor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ __all__ = [
     "TrackedParam",
     "clean_fqn",
     "group_kinds",
+    "module_plan_entries",
     "plan_entries",
 ]
 
@@ -95,6 +96,16 @@ class MeasurementPlan:
         """The tracked parameter of a (raw or cleaned) name, or None if it is not measured."""
         return self.by_name.get(clean_fqn(name))
 
+    def tracked(
+        self, named_parameters: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[torch.Tensor, TrackedParam]]:
+        """(parameter object, its plan entry) of every measured one among ``named_parameters``:
+        how a backend maps the tensors its hooks see to the plan."""
+        for name, param in named_parameters:
+            tracked = self.get(name)
+            if tracked is not None:
+                yield param, tracked
+
     def owned(self) -> list[TrackedParam]:
         return [t for t in self.matrices if t.owner == self.rank]
 
@@ -109,6 +120,15 @@ def group_kinds(optimizer: torch.optim.Optimizer, norm: str) -> dict[int, str | 
         for group, kind in zip(optimizer.param_groups, group_norms(optimizer), strict=True)
         for p in group["params"]
     }
+
+
+def module_plan_entries(
+    module: torch.nn.Module, norm: str, optimizer: torch.optim.Optimizer | None
+) -> list[PlanEntry]:
+    """``plan_entries`` of a module whose parameters are the optimizer's own objects (DDP's
+    wrapped module, an FSDP2 root, a plain module): ``auto`` reads the optimizer's groups."""
+    kinds = group_kinds(optimizer, norm) if optimizer is not None else None
+    return plan_entries(module.named_parameters(), norm, kinds)
 
 
 def plan_entries(
