@@ -17,6 +17,7 @@ from nongns_dist.controller import (
     BatchSizeController,
     feasible_batch_size,
     lr_multiplier,
+    resume_batch_size,
     warmup_cosine,
 )
 from nongns_dist.engines import GNSMonitor, MicroStep, attach
@@ -34,6 +35,7 @@ __all__ = [
     "estimate_gns",
     "feasible_batch_size",
     "lr_multiplier",
+    "resume_batch_size",
     "warmup_cosine",
 ]
 

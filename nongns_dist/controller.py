@@ -23,6 +23,7 @@ Differences from the paper, decided here:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,8 +37,11 @@ __all__ = [
     "ControllerReadout",
     "feasible_batch_size",
     "lr_multiplier",
+    "resume_batch_size",
     "warmup_cosine",
 ]
+
+logger = logging.getLogger("nongns_dist")
 
 
 class NoiseAndSignal(Protocol):
@@ -75,6 +79,30 @@ def feasible_batch_size(
     if maximum is not None:
         best = min(best, max(maximum // unit * unit, current))
     return best
+
+
+def resume_batch_size(batch_size: int, *, unit: int, maximum: int | None = None) -> int:
+    """The batch a run resumed on another ``unit`` (micro-batch x ranks) continues with: the
+    smallest multiple of ``unit`` not below the checkpoint's ``batch_size`` (the batch never
+    shrinks on a resume), capped by ``maximum`` rounded down to a multiple of ``unit``.
+
+    >>> resume_batch_size(24, unit=16), resume_batch_size(24, unit=16, maximum=40)
+    (32, 32)
+    >>> resume_batch_size(56, unit=16, maximum=60)  # the cap wins: 64 is not allowed
+    48
+    """
+    if batch_size < 1 or unit < 1:
+        raise ValueError(f"batch_size and unit must be >= 1, got {batch_size}, {unit}")
+    batch = -(-batch_size // unit) * unit
+    if maximum is not None:
+        cap = maximum // unit * unit
+        if cap < unit:
+            raise ValueError(
+                f"max_batch_size={maximum} is below one micro-step of every rank "
+                f"(micro_batch_size x world_size = {unit}): no batch is feasible"
+            )
+        batch = min(batch, cap)
+    return batch
 
 
 def lr_multiplier(batch_size: int, initial_batch_size: int, scaling: str) -> float:
@@ -254,16 +282,28 @@ class BatchSizeController:
         return {key: getattr(self, key) for key in self._STATE_KEYS}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state_dict()``. A state taken with another unit (micro-batch x ranks:
+        an elastic resume) is converted: step, samples, warm-up progress (samples), EMAs and the
+        initial batch (the lr multiplier's reference) kept, the batch moved to
+        ``resume_batch_size`` of the new unit, so the lr multiplier follows the new batch."""
         state = {"pooled_noise": None, **state}  # checkpoints from before pooling lack it
         missing = sorted(set(self._STATE_KEYS) - set(state))
         extra = sorted(set(state) - set(self._STATE_KEYS))
         if missing or extra:
             raise ValueError(f"controller state: missing keys {missing}, unknown keys {extra}")
         if state["unit"] != self.unit:
-            raise ValueError(
-                f"checkpoint was taken with micro_batch_size x world_size = {state['unit']}, "
-                f"this job has {self.unit}; resume with the same micro-batch and ranks"
+            batch = resume_batch_size(
+                state["batch_size"], unit=self.unit, maximum=self.config.max_batch_size
             )
+            logger.warning(
+                "nongns_dist: resuming with micro_batch_size x world_size = %d (checkpoint: %d): "
+                "global batch %d -> %d, lr multiplier %.4g -> %.4g",
+                self.unit, state["unit"], state["batch_size"], batch,
+                lr_multiplier(state["batch_size"], state["initial_batch_size"],
+                              self.config.lr_scaling),
+                lr_multiplier(batch, state["initial_batch_size"], self.config.lr_scaling),
+            )  # fmt: skip
+            state = {**state, "unit": self.unit, "batch_size": batch}
         if state["batch_size"] % self.unit:
             raise ValueError(
                 f"checkpoint batch {state['batch_size']} is not a multiple of {self.unit}"

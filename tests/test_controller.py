@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -12,6 +13,7 @@ from nongns_dist import (
     GNSConfig,
     feasible_batch_size,
     lr_multiplier,
+    resume_batch_size,
     warmup_cosine,
 )
 
@@ -136,6 +138,38 @@ def test_state_dict_round_trip_mid_run_continues_identically():
     assert len({d.batch_size for d in full}) > 2, "the stream must make the batch grow"
 
 
+@pytest.mark.parametrize(
+    ("micro", "world", "maximum", "batch"),
+    [
+        (4, 4, None, 32),  # 2 -> 4 ranks: 24 rounds up to a multiple of 16
+        (4, 1, None, 24),  # 2 -> 1 rank: 24 is feasible as it is
+        (2, 2, None, 24),  # another micro-batch, same ranks
+        (8, 4, None, 32),  # unit 32
+        (4, 4, 40, 32),  # the cap (40 -> 32) allows the rounded batch
+        (4, 4, 20, 16),  # the cap wins over "never smaller": 20 -> 16 < 24
+    ],
+)
+def test_elastic_resume_converts_the_unit(micro, world, maximum, batch):
+    cfg = GNSConfig(norm="l1", interval=2, theta=0.6)
+    first = BatchSizeController(cfg, micro_batch_size=4, world_size=2)  # unit 8, B0 = 8
+    for _ in range(6):  # target noise / (theta^2 signal) = 24.5 -> batch 24
+        first.update(est(0.36 * 24.5, 1.0) if first.is_measurement_step else None)
+    assert first.batch_size == 24 and first.num_updates == 3
+    state = json.loads(json.dumps(first.state_dict()))
+    cfg = dataclasses.replace(cfg, max_batch_size=maximum)
+    resumed = BatchSizeController(cfg, micro_batch_size=micro, world_size=world)
+    resumed.load_state_dict(state)
+    assert resumed.batch_size == batch
+    assert resumed.accumulation_steps == batch // (micro * world)
+    assert resumed.unit == micro * world
+    for key in ("step", "samples", "noise_ema", "signal_ema", "num_updates", "pooled_noise"):
+        assert getattr(resumed, key) == getattr(first, key), key
+    assert resumed.ema() == first.ema()
+    assert resumed.initial_batch_size == 8  # the lr multiplier's reference is the run's B0
+    assert resumed.lr_multiplier == pytest.approx(math.sqrt(batch / 8))
+    assert resume_batch_size(24, unit=micro * world, maximum=maximum) == batch
+
+
 def test_construction_and_load_errors():
     with pytest.raises(ValueError, match="multiple"):
         BatchSizeController(GNSConfig(initial_batch_size=10), micro_batch_size=4, world_size=2)
@@ -149,8 +183,7 @@ def test_construction_and_load_errors():
         BatchSizeController(GNSConfig(), micro_batch_size=0, world_size=2)
     c = BatchSizeController(GNSConfig(), micro_batch_size=4, world_size=2, accumulation_steps=3)
     assert c.batch_size == 24
-    other = BatchSizeController(GNSConfig(), micro_batch_size=4, world_size=4)
-    with pytest.raises(ValueError, match="same micro-batch and ranks"):
-        other.load_state_dict(c.state_dict())
+    with pytest.raises(ValueError, match="no batch is feasible"):  # 12 < one step of 4 x 4
+        resume_batch_size(24, unit=16, maximum=12)
     with pytest.raises(ValueError, match="missing keys"):
         c.load_state_dict({"step": 1})
