@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -288,6 +288,11 @@ class MomentPool:
     pooled = EMA / (sum of the weights). Each also tracks its effective degrees of freedom,
     1 / sum_j (w_j^2 / dof_j) with normalised weights w_j (Satterthwaite), for the l1 c4
     correction. A moment with a non-finite value is not added at all (a host sync per update).
+
+    ``stage()`` holds the updates of one measurement apart until ``commit()`` (or drops them on
+    ``rollback()``), for a step that may turn out skipped after its moments were streamed in
+    (an fp16 overflow found by the loss scaler): the cost is one more copy of each updated entry
+    until the step closes.
     """
 
     def __init__(self, beta: float | None = None, *, target_dof: float | None = None) -> None:
@@ -300,6 +305,8 @@ class MomentPool:
         self.beta = beta
         self.target_dof = target_dof
         self._entries: dict[Hashable, _PoolEntry] = {}
+        #: Updated entries of the measurement in flight, while staged (None: updates in place).
+        self._staged: dict[Hashable, _PoolEntry] | None = None
 
     def weight(self, dof: float) -> float:
         """The EMA weight of a new moment with ``dof`` degrees of freedom: 1 - beta, or, with a
@@ -311,7 +318,7 @@ class MomentPool:
         return min(1.0, 2.0 * dof / (self.target_dof + dof))
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._entries
+        return key in self._entries or (self._staged is not None and key in self._staged)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -325,6 +332,8 @@ class MomentPool:
 
     def discard(self, key: Hashable) -> None:
         self._entries.pop(key, None)
+        if self._staged is not None:
+            self._staged.pop(key, None)
 
     def update(
         self, key: Hashable, moment: torch.Tensor, dof: float, *, floor: float = 0.0
@@ -334,9 +343,17 @@ class MomentPool:
         effective degrees of freedom and its pooled floor."""
         alpha = self.weight(dof)
         keep = 1.0 - alpha
-        entry = self._entries.get(key)
+        staged = self._staged
+        entry = staged.get(key) if staged is not None else None
+        if entry is None:
+            entry = self._entries.get(key)
         if entry is None or entry.value.shape != moment.shape:
             entry = _PoolEntry(torch.zeros_like(moment))
+        elif staged is not None and key not in staged:  # copy on first write
+            entry = replace(entry, value=entry.value.clone())
+        if staged is not None:
+            staged[key] = entry
+        else:
             self._entries[key] = entry
         if bool(torch.isfinite(moment).all()) and math.isfinite(floor):
             entry.value.mul_(keep).add_(moment, alpha=alpha)
@@ -347,6 +364,21 @@ class MomentPool:
             return torch.full_like(entry.value, math.nan), math.nan, math.nan
         weight = entry.weight
         return entry.value / weight, weight**2 / entry.inverse_dof, entry.floor / weight
+
+    def stage(self) -> None:
+        """Hold the following updates apart from the pool until ``commit`` / ``rollback``."""
+        if self._staged is None:
+            self._staged = {}
+
+    def commit(self) -> None:
+        """Make the staged updates part of the pool."""
+        if self._staged is not None:
+            self._entries.update(self._staged)
+        self._staged = None
+
+    def rollback(self) -> None:
+        """Drop the staged updates: the pool is as it was at ``stage``."""
+        self._staged = None
 
     def state_dict(self) -> dict[str, Any]:
         """The entries on the CPU (a checkpoint loads on any device), and the weighting."""

@@ -78,6 +78,10 @@ def sqrt_trace_eigh(matrix: torch.Tensor, *, floor: float = 0.0) -> torch.Tensor
     float32) would otherwise add up over the null space of a rank-deficient A.
     """
     _check_square(matrix)
+    if not bool(torch.isfinite(matrix).all()):
+        # eigvalsh raises on inf/NaN (LAPACK: "failed to converge"); a non-finite statistic is
+        # NaN here, and the measurement is then skipped, not the training step crashed
+        return torch.full((), math.nan, dtype=matrix.dtype, device=matrix.device)
     eig = torch.linalg.eigvalsh(matrix)
     return torch.where(eig > floor, eig, 0).sqrt().sum()
 

@@ -257,8 +257,8 @@ def _nonfinite_worker(rank, world_size):
             if rank == 0:
                 x[0, 0] = float("inf")
             _loss(ddp, x, y).backward()
-    opt.zero_grad()  # do not apply the broken gradient
-    monitor.step_done()  # opt.step() was skipped, as GradScaler does
+    opt.zero_grad()  # do not apply the broken gradient (the optimizer still steps: it closes)
+    opt.step()
     return (monitor.controller.skipped, monitor.batch_size, monitor.last_estimate.is_finite)
 
 

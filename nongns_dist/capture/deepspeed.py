@@ -9,8 +9,9 @@ Hook points (DeepSpeed 0.16-0.19, DESIGN.md section 4):
 
 A per-rank sample is the gradient accumulated over the step (DeepSpeed divides each micro-step's
 loss by the accumulation count, so it is already a mean over micro x accumulation examples); a
-per-micro-step sample is multiplied back by the accumulation count. fp16 loss scales are divided
-out. The wrappers only read gradients: on steps that do not measure they call straight through.
+per-micro-step sample is multiplied back by the accumulation count. fp16 gradients carry the
+loss scale: the session divides it out (``loss_scale`` here is what the plugin gives it). The
+wrappers only read gradients: on steps that do not measure they call straight through.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from nongns_dist.capture.plan import PlanEntry, TrackedParam, plan_entries
 from nongns_dist.capture.session import MeasurementSession, SampleAccumulator, SampleKind
 from nongns_dist.optim.geometry import group_norms
 
-__all__ = ["DeepSpeedCapture", "basic_optimizer", "check_supported"]
+__all__ = ["DeepSpeedCapture", "basic_optimizer", "check_supported", "loss_scale"]
 
 
 def check_supported(engine: Any) -> None:
@@ -70,7 +71,8 @@ def _module_groups(engine: Any) -> list[list[torch.Tensor]]:
     return [list(g["params"]) for g in basic_optimizer(engine).param_groups]
 
 
-def _loss_scale(engine: Any) -> float:
+def loss_scale(engine: Any) -> float:
+    """The fp16 loss scale the engine's backward multiplies the loss by (1.0 without fp16)."""
     if not engine.fp16_enabled():
         return 1.0
     scale = getattr(engine.optimizer, "loss_scale", None)
@@ -162,7 +164,8 @@ class DeepSpeedCapture:
             return
         if self._accumulator is None:
             self._accumulator = SampleAccumulator(session)
-        self._accumulator.add(tracked, grad * (factor / _loss_scale(self.engine)))
+        # float32 first: a scaled fp16 gradient times the accumulation count can overflow fp16
+        self._accumulator.add(tracked, grad.float() * factor)
 
     def _undivide(self) -> int:
         # DeepSpeed divides each micro-step's loss by the accumulation count of the step the

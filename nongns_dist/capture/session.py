@@ -7,6 +7,14 @@ as reductions happen, the driver finishes it at the next boundary (the one all-r
     capture:  session.add_coordinates(param, mean, sq_sum)        # l1 / l2 slices
               session.add_matrices(params, local, mean)           # nuclear, per bucket / unit
     driver:   estimate = session.finish()             # one all-reduce of the partial sums
+              session.settle_pool(keep)               # staged pool updates kept or dropped
+
+Loss scaling (fp16): an engine whose gradients are scaled sets ``loss_scale``, a callable that
+returns the scale the armed step's backward ran with (read once, on the first statistics of the
+step). Statistics are divided by it where they enter the table (the mean by the scale, squares
+and Grams by its square), so pooled moments of steps with different scales are in one unit. A
+scaled step can also turn out skipped after its statistics were streamed in (the scaler finds an
+overflow only after backward), so the pool's updates are then staged until the step closes.
 
 Sample rule (DESIGN.md section 2), decided here and nowhere else:
 
@@ -25,7 +33,7 @@ sums until the step's end instead: that memory does grow with the model.)
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -133,6 +141,9 @@ class MeasurementSession:
         self.pool = MomentPool(target_dof=config.pool_dof) if pooled else None
         self._slices: dict[int, list[tuple[int, int, int]]] = {}
         self._touched: set[Hashable] = set()  # pool entries this measurement updated
+        #: The loss scale of the armed step's backward (None: gradients are not scaled).
+        self.loss_scale: Callable[[], float] | None = None
+        self._inverse_scale: float | None = None  # 1 / loss_scale(), read once per step
 
     # -- the sample rule -------------------------------------------------------------------------
     def sample_counts(self, accumulation_steps: int) -> tuple[int, int]:
@@ -172,9 +183,14 @@ class MeasurementSession:
         self.accumulation_steps = accumulation_steps
         self._claimed.clear()
         self._touched.clear()
+        self._inverse_scale = None
+        if self.pool is not None:
+            self.pool.rollback()  # nothing of an abandoned measurement stays
         if self.num_samples < 2:
             self._partial = None
             return False
+        if self.pool is not None and self.loss_scale is not None:
+            self.pool.stage()
         self._partial = torch.zeros(
             len(self.plan.params), 3, dtype=torch.float64, device=self.device
         )
@@ -182,6 +198,24 @@ class MeasurementSession:
 
     def disarm(self) -> None:
         self._partial = None
+        if self.pool is not None:
+            self.pool.rollback()
+
+    def settle_pool(self, keep: bool) -> None:
+        """After ``finish``: keep the measurement's staged pool updates, or drop them (a step
+        the loss scaler skipped, a non-finite estimate). A no-op when nothing was staged."""
+        if self.pool is not None:
+            if keep:
+                self.pool.commit()
+            else:
+                self.pool.rollback()
+
+    def _unscale(self) -> float:
+        """1 / the loss scale of this step's backward (1.0 without scaling)."""
+        if self._inverse_scale is None:
+            scale = 1.0 if self.loss_scale is None else float(self.loss_scale())
+            self._inverse_scale = 1.0 / scale
+        return self._inverse_scale
 
     def finish(self) -> GNSEstimate:
         """The one all-reduce of per-parameter partial sums; ends the measuring step."""
@@ -212,8 +246,6 @@ class MeasurementSession:
             layers=layers,
             pooled_noise=pooled_noise,
         )
-        if not estimate.is_finite:
-            logger.warning("non-finite gradient statistics: measurement skipped, batch unchanged")
         return estimate
 
     # -- checkpointing of the pooled moments (they are this rank's: one state per rank) ---------
@@ -302,17 +334,18 @@ class MeasurementSession:
         norm = param.norm
         dof = self.num_samples - 1
         correct = self.config.bias_correction
+        inverse = self._unscale()
         mean, sq_sum = mean.reshape(-1), sq_sum.reshape(-1)
         # in pieces: the formula's temporaries stay small whatever the slice's size
         for start in range(0, mean.numel(), self.coordinate_piece):
             end = min(start + self.coordinate_piece, mean.numel())
-            var = sample_variance(
-                mean[start:end].float(), sq_sum[start:end].float(), self.num_samples,
-                self.sample_size,
-            )  # fmt: skip
+            piece_mean, piece_sq = mean[start:end].float(), sq_sum[start:end].float()
+            if inverse != 1.0:
+                piece_mean, piece_sq = piece_mean * inverse, piece_sq * inverse**2
+            var = sample_variance(piece_mean, piece_sq, self.num_samples, self.sample_size)
             row = table[param.index]
             row[0] += noise_from_variance(var, norm, dof, bias_correction=correct).to(row.device)  # type: ignore[arg-type]
-            row[1] += signal_part(mean[start:end].float(), norm).to(row.device)  # type: ignore[arg-type]
+            row[1] += signal_part(piece_mean, norm).to(row.device)  # type: ignore[arg-type]
             if self.pool is not None:  # l1 (l2 is never pooled)
                 key = self._slice_key(param.index, offset + start, end - start)
                 self._touched.add(key)
@@ -440,7 +473,10 @@ class MeasurementSession:
     ) -> None:
         """Owner: finish ``param`` from the summed Gram (of deviations when ``centred``, else of
         the samples) and the mean gradient: two scalars into the table."""
+        inverse = self._unscale()
         mean = as_matrix(mean_grad.detach().reshape(param.shape)).to(torch.float64)
+        if inverse != 1.0:
+            mean, gram_sum = mean * inverse, gram_sum * inverse**2
         mean_gram = mean @ mean.T
         method, tol = self.config.sqrt_trace_method, self.config.sqrt_trace_tol
         cov, floor = sample_covariance(

@@ -4,6 +4,13 @@ An engine calls ``close_step()`` after each optimizer step (the samples of that 
 counted, a finished measurement is fed to the controller, the decision applied) and reads
 ``accumulation_steps`` for the next one. Measuring steps are armed here, at the boundary, so
 a capture backend only asks ``session.armed``.
+
+Bad numbers never move the batch: a step whose update was not applied (a loss scaler found an
+overflow) is closed with ``applied=False``: its samples are counted, it is not measured (the
+controller gets nothing, the pool keeps none of its moments) and ``skipped_steps`` counts it; a
+measurement with non-finite values is rejected by the controller (``controller.skipped``). Both
+follow from numbers every rank shares (the all-reduced gradient, the one all-reduce of the
+statistics), so every rank closes the step the same way.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ class StepCore(ControllerReadout):
         #: This measurement's own estimate (what ``estimate_gns`` computes from its samples).
         self.last_estimate: GNSEstimate | None = None
         self.last_decision: BatchDecision | None = None
+        #: Steps closed with ``applied=False`` (their update was skipped): counted, not measured.
+        self.skipped_steps = 0
         #: Engines set this False for a step whose gradients are not per-sample (DDP's first
         #: static_graph step); checked when the step is armed.
         self.measuring_allowed: Callable[[], bool] = lambda: True
@@ -81,9 +90,28 @@ class StepCore(ControllerReadout):
         return self.session is not None and self.session.armed
 
     # -- the boundary --------------------------------------------------------------------------
-    def close_step(self) -> BatchDecision:
-        """Close the optimizer step just taken and arm the next one."""
-        estimate = self.session.finish() if self.measuring else None  # type: ignore[union-attr]
+    def close_step(self, *, applied: bool = True) -> BatchDecision:
+        """Close the optimizer step just taken and arm the next one. ``applied=False``: the
+        optimizer skipped the update (an fp16 overflow): the step's samples are counted, it is
+        not measured and the batch stays."""
+        session = self.session
+        # finished on every rank even when skipped: the collectives stay matched if ranks were
+        # ever to disagree on the skip (the consistency check then names it)
+        estimate = session.finish() if self.measuring else None  # type: ignore[union-attr]
+        if session is not None:
+            session.settle_pool(applied and estimate is not None and estimate.is_finite)
+        if not applied:
+            self.skipped_steps += 1
+            logger.info(
+                "step %d: optimizer update skipped (loss-scale overflow): samples counted, "
+                "not measured, batch unchanged", self.controller.step,
+            )  # fmt: skip
+            estimate = None
+        elif estimate is not None and not estimate.is_finite:
+            logger.warning(
+                "step %d: non-finite gradient statistics: measurement skipped, batch unchanged",
+                self.controller.step,
+            )
         if estimate is not None:
             self.last_estimate = estimate
         decision = self.controller.update(estimate)
@@ -158,7 +186,11 @@ class StepCore(ControllerReadout):
     def state_dict(self, *, include_pool: bool = True) -> dict[str, Any]:
         """Controller and config; with ``include_pool``, this rank's pooled moments too (they
         differ per rank: save every rank's state, or the pool restarts on resume)."""
-        state = {"controller": self.controller.state_dict(), "config": self.config.to_dict()}
+        state = {
+            "controller": self.controller.state_dict(),
+            "config": self.config.to_dict(),
+            "skipped_steps": self.skipped_steps,
+        }
         pool = self.session.pool_state() if self.session is not None else None
         if include_pool and pool is not None:
             state["pool"] = pool
@@ -166,6 +198,7 @@ class StepCore(ControllerReadout):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state["controller"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))  # absent before it existed
         if self.session is not None and "pool" in state:
             self.session.load_pool_state(state["pool"])
         if self.lr_multiplier is not None:

@@ -10,18 +10,23 @@
 modulo counter, DESIGN.md section 4). So the plugin counts micro-steps itself, marks the boundary
 with ``set_gradient_accumulation_boundary`` before every backward, and changes the batch only at
 a boundary (``set_train_batch_size`` then keeps DeepSpeed's loss division and sample count right).
+
+fp16: statistics are divided by the loss scale the window's backward passes ran with, and a step
+whose update DeepSpeed skipped (overflow: ``engine.was_step_applied()`` is False) is closed as
+skipped: its samples counted, not measured, the next window as decided.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from nongns_dist.capture.deepspeed import DeepSpeedCapture, basic_optimizer
+from nongns_dist.capture.deepspeed import DeepSpeedCapture, basic_optimizer, loss_scale
 from nongns_dist.capture.plan import MeasurementPlan
 from nongns_dist.capture.session import MeasurementSession
 from nongns_dist.config import GNSConfig
@@ -63,6 +68,9 @@ class DeepSpeedGNSPlugin(StepCore):
             sample_kind=self.capture.sample_kind,
             device=self.capture.device,
         )
+        self._loss_grad: torch.Tensor | None = None  # d(what backward ran on) / d(user's loss)
+        if engine.fp16_enabled():
+            session.loss_scale = self._applied_loss_scale
         self.sample_kind = self.capture.sample_kind
         self.micro_step = 0  # index of the next micro-step within the optimizer step
         super().__init__(
@@ -94,6 +102,8 @@ class DeepSpeedGNSPlugin(StepCore):
         def wrapped_backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             is_last = self.micro_step == self.controller.accumulation_steps - 1
             engine.set_gradient_accumulation_boundary(is_last)
+            if self.measuring and engine.fp16_enabled() and loss.requires_grad:
+                loss.register_hook(self._keep_loss_grad)
             return backward(loss, *args, **kwargs)
 
         def wrapped_step(*args: Any, **kwargs: Any) -> Any:
@@ -104,7 +114,8 @@ class DeepSpeedGNSPlugin(StepCore):
             self.micro_step += 1
             if boundary:
                 self.micro_step = 0
-                self.close_step()
+                # False after an fp16 overflow: DeepSpeed zeroed the gradients, kept the weights
+                self.close_step(applied=bool(engine.was_step_applied()))
                 if self.controller.accumulation_steps != engine.gradient_accumulation_steps():
                     engine.set_train_batch_size(self.controller.batch_size)
             return result
@@ -144,6 +155,22 @@ class DeepSpeedGNSPlugin(StepCore):
 
         engine.backward, engine.step = wrapped_backward, wrapped_step
         engine.save_checkpoint, engine.load_checkpoint = wrapped_save, wrapped_load
+
+    def _keep_loss_grad(self, grad: torch.Tensor) -> None:
+        self._loss_grad = grad.detach()
+
+    def _applied_loss_scale(self) -> float:
+        """The fp16 loss scale this window's backward passes really applied. The optimizer's
+        ``loss_scale`` is not always it: DeepSpeed 0.19.8 does not scale the loss at ZeRO stage
+        0 (``engine.backward`` skips ``FP16_Optimizer``; deepspeedai/DeepSpeed#8393) while its
+        optimizer reports 2^k. The gradient that reached the user's loss is scale / accumulation
+        count; it is rounded to the loss's dtype, so it only picks between the two exact
+        candidates (the optimizer's scale, or none)."""
+        scale = loss_scale(self.engine)
+        if self._loss_grad is None:
+            return scale
+        applied = float(self._loss_grad) * self.engine.gradient_accumulation_steps()
+        return scale if abs(math.log(applied / scale)) < abs(math.log(applied)) else 1.0
 
     def _write_events(self, events: list[Event]) -> None:
         monitor = getattr(self.engine, "monitor", None)

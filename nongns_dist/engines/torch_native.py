@@ -13,6 +13,17 @@ the fly.
 
 Decisions come only from all-reduced numbers, so every rank takes the same one
 (``check_consistency=True`` verifies it with one tiny all-gather per step).
+
+With fp16 and a ``torch.amp.GradScaler`` (or FSDP's ``ShardedGradScaler``), give it to attach:
+
+    monitor = attach(ddp_model, config, optimizer, micro_batch_size=8, grad_scaler=scaler)
+    ...                                            # micro-steps: scaler.scale(loss).backward()
+    scaler.step(optimizer)                         # closes the step, applied or skipped
+    scaler.update()
+
+Statistics are then divided by the scale the backward ran with, and a step whose update the
+scaler skipped (inf/NaN gradients) is closed by ``scaler.step`` itself: samples counted, not
+measured, batch unchanged.
 """
 
 from __future__ import annotations
@@ -92,9 +103,13 @@ class GNSMonitor(StepCore):
         *,
         micro_batch_size: int,
         accumulation_steps: int | None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
+        if grad_scaler is not None and optimizer is None:
+            raise ValueError("attach(grad_scaler=...) needs the optimizer the scaler steps")
         self.model = model
         self.optimizer = optimizer
+        self.grad_scaler = grad_scaler
         self.capture = capture
         self.process_group = capture.group
         rank, self.world_size = group_rank_and_size(capture.group)
@@ -139,6 +154,12 @@ class GNSMonitor(StepCore):
         )  # fmt: skip
         self.measuring_allowed = lambda: not self._needs_synced_first_step()
         self._reductions_at_close = 0
+        self._in_scaler_step = False  # inside grad_scaler.step(): it closes the step
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            # read on the first statistics of a measuring step: during its backward, before
+            # scaler.update() can change the scale
+            session.loss_scale = grad_scaler.get_scale
+            self._wrap_scaler_step(grad_scaler)
         if self.can_measure:
             capture.install(session)
         self._step_hook = (
@@ -166,25 +187,85 @@ class GNSMonitor(StepCore):
 
     # -- the step boundary ------------------------------------------------------------------------
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        session = self.session
-        if session is not None and session.reductions == self._reductions_at_close:
+        if self._in_scaler_step:
+            return  # the scaler's step closes it, knowing whether the update was applied
+        if not self._reduced_since_close():
             # No gradient was reduced since the last step: not a training step. This is what
             # torch.distributed.checkpoint's get/set_optimizer_state_dict do to a fresh
             # optimizer (a zero-lr step on zero gradients); counting it would add a batch of
             # samples that was never trained on.
             logger.debug("optimizer.step() without a gradient reduction: step not counted")
             return
-        self.step_done()
+        self._close(applied=True)
 
-    def step_done(self) -> BatchDecision:
-        """Close the optimizer step: count its samples, feed a measurement to the controller and
-        apply its decision (accumulation count, lr multiplier). Called by the optimizer's step
-        post-hook when ``attach`` got the optimizer; call it yourself otherwise (and for a step
-        the optimizer skipped, e.g. a GradScaler overflow, so that its samples are counted)."""
+    def _wrap_scaler_step(self, scaler: torch.amp.GradScaler) -> None:
+        """``scaler.step(optimizer)`` closes the step: it is the one call that knows whether the
+        update ran. (Its own optimizer.step() is not called on an overflow, so the optimizer's
+        post-hook alone would miss that step; fused optimizers are called either way.)"""
+        found_inf = getattr(scaler, "_found_inf_per_device", None)
+        if found_inf is None:
+            raise RuntimeError(
+                f"{type(scaler).__name__} has no _found_inf_per_device (torch "
+                f"{torch.__version__}): nongns_dist reads the skip decision there; supported: "
+                "torch 2.9 to 2.13"
+            )
+        original = scaler.step
+
+        def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if optimizer is not self.optimizer:
+                return original(optimizer, *args, **kwargs)
+            self._in_scaler_step = True
+            try:
+                result = original(optimizer, *args, **kwargs)
+            finally:
+                self._in_scaler_step = False
+            # the scaler's own test: any inf/NaN found while unscaling (the same on every rank:
+            # DDP's gradients are all-reduced, ShardedGradScaler all-reduces the flag)
+            skipped = sum(float(v.item()) for v in found_inf(optimizer).values()) > 0
+            if not self._reduced_since_close():
+                raise RuntimeError(
+                    "scaler.step() on a step that was already closed (monitor.step_done()); "
+                    "with attach(grad_scaler=...) the scaler closes every step"
+                )
+            self._close(applied=not skipped)
+            return result
+
+        scaler.step = step  # type: ignore[method-assign]
+
+    def _reduced_since_close(self) -> bool:
+        session = self.session
+        return session is None or session.reductions != self._reductions_at_close
+
+    def _close(self, *, applied: bool) -> BatchDecision:
         if self.session is not None:
             self._reductions_at_close = self.session.reductions
             self.capture.flush()  # samples kept until the boundary (one process)
-        return self.close_step()
+        return self.close_step(applied=applied)
+
+    def step_done(self, *, applied: bool = True) -> BatchDecision:
+        """Close the optimizer step by hand: count its samples, feed a measurement to the
+        controller and apply its decision (accumulation count, lr multiplier). ``applied=False``
+        for a step whose update you skipped (samples counted, not measured, batch unchanged).
+
+        Only where nothing else closes steps: with the optimizer given to ``attach`` its step
+        closes applied steps (``step_done()`` raises; ``step_done(applied=False)`` is for a step
+        you skip without calling it), with ``grad_scaler=`` the scaler closes every step
+        (``step_done`` raises). A step is closed at most once: a second close without a backward
+        in between raises."""
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            raise RuntimeError(
+                "attach(grad_scaler=...): scaler.step(optimizer) closes every step, skipped "
+                "ones too; do not call step_done()"
+            )
+        if applied and self.optimizer is not None:
+            raise RuntimeError(
+                "the optimizer given to attach() closes each applied step in its step(); "
+                "step_done() would count it twice (step_done(applied=False) closes a step "
+                "whose optimizer.step() you skip)"
+            )
+        if not self._reduced_since_close():
+            raise RuntimeError("this step is already closed: no backward ran since the last close")
+        return self._close(applied=applied)
 
     def detach(self) -> None:
         """Remove the optimizer hooks and stop measuring (DDP and FSDP cannot unregister their
@@ -193,6 +274,8 @@ class GNSMonitor(StepCore):
             self.lr_multiplier.remove()
         if self._step_hook is not None:
             self._step_hook.remove()
+        if self.grad_scaler is not None and "step" in vars(self.grad_scaler):
+            del self.grad_scaler.step  # the class's step again
         self.capture.remove()
         self.session = None
 
@@ -226,6 +309,7 @@ def attach(
     micro_batch_size: int,
     accumulation_steps: int | None = None,
     process_group: dist.ProcessGroup | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> GNSMonitor:
     """Measure the noise scale of ``model`` and adapt its batch; returns the ``GNSMonitor``.
 
@@ -237,7 +321,9 @@ def attach(
     multiplier.
     ``micro_batch_size``: examples per rank per micro-step. ``accumulation_steps``: the initial
     count (else from ``config.initial_batch_size``, else 1). ``process_group``: the
-    data-parallel group (default: the wrapper's).
+    data-parallel group (default: the wrapper's). ``grad_scaler``: the ``torch.amp.GradScaler``
+    (or ``ShardedGradScaler``) that scales the loss; needs ``optimizer``. Statistics are then in
+    unscaled gradient units and ``scaler.step(optimizer)`` closes each step, applied or skipped.
     """
     if getattr(model, "_nongns_monitor", None) is not None:
         raise RuntimeError("a GNSMonitor is already attached to this model")
@@ -248,6 +334,7 @@ def attach(
         _capture_for(model, process_group),
         micro_batch_size=micro_batch_size,
         accumulation_steps=accumulation_steps,
+        grad_scaler=grad_scaler,
     )
     model._nongns_monitor = monitor  # type: ignore[assignment]
     return monitor
