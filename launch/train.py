@@ -25,6 +25,8 @@ import argparse
 import json
 import math
 import os
+import pickle
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,6 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -46,6 +50,8 @@ from tqdm import tqdm
 
 # Run as a script (torchrun launch/train.py), Python puts launch/ on sys.path, not the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from launch import checkpoints
+from launch.checkpoints import CheckpointError
 from launch.data import (
     BYTE_VOCAB_SIZE,
     Corpus,
@@ -56,7 +62,7 @@ from launch.data import (
     validation_windows,
 )
 from launch.llama import Block, Llama, LlamaConfig
-from nongns_dist import GNSConfig, GNSEstimate, attach, warmup_cosine
+from nongns_dist import GNSConfig, GNSEstimate, attach, resume_batch_size, warmup_cosine
 from nongns_dist.optim import Muon, SignSGD, Signum, muon_param_groups
 
 OPTIMIZERS = ("signum", "signsgd", "muon", "specsgd", "adamw", "sgd")
@@ -206,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="run directory (default: runs/<engine>-<optimizer>-<mode>)"
     )
 
+    ckpt = p.add_argument_group("checkpoints (README: Long runs)")
+    ckpt.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="save a checkpoint every N optimizer steps in <out>/checkpoints/ (0: only at the "
+        "end and on SIGTERM)",
+    )
+    ckpt.add_argument(
+        "--keep-checkpoints", type=int, default=2, help="keep the last K checkpoints; 0: all"
+    )
+    ckpt.add_argument(
+        "--resume",
+        default=None,
+        help="continue from a checkpoint directory, or a run directory's latest; 'auto': "
+        "--out's latest if there is one, else start fresh (for torchrun --max-restarts). "
+        "Other ranks or micro-batch: the batch converts (README: Long runs)",
+    )
+
     data = p.add_argument_group("data")
     data.add_argument(
         "--data", default="stdlib", help="'stdlib', a text file (bytes) or a uint16 .bin file"
@@ -225,12 +250,10 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     # here, before any process group exists, and every rank fails with the same message.
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     unit = args.micro_batch * world
-    if world < 2:
-        # The DDP estimator treats the ranks' local gradients as the samples of the noise, and
-        # nongns_dist has no single-process path yet (it raises at the first measurement).
+    if world < 2 and args.engine in FSDP_ENGINES:
         parser.error(
-            "nongns_dist estimates the noise scale across data-parallel ranks and needs at least "
-            "2; launch with: torchrun --standalone --nproc-per-node 2 launch/train.py ..."
+            f"--engine {args.engine} shards across ranks and measures across them: launch 2 or "
+            "more (torchrun --nproc-per-node 2 ...); one process runs with --engine ddp"
         )
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
@@ -241,15 +264,11 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     for name in ("micro_batch", "sample_budget", "seq_len", "eval_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.grad_clip < 0:
         parser.error(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
-    if args.eval_every < 0:
-        parser.error(f"--eval-every must be >= 0, got {args.eval_every}")
-    if args.initial_batch % unit:
-        parser.error(
-            f"--initial-batch {args.initial_batch} is not a multiple of --micro-batch x world "
-            f"size = {args.micro_batch} x {world} = {unit}"
-        )
     if args.sample_budget < args.initial_batch:
         parser.error(f"--sample-budget {args.sample_budget} < --initial-batch {args.initial_batch}")
     if not 0.0 <= args.warmup_fraction < 1.0:
@@ -260,6 +279,15 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
         parser.error("--fsdp-strategy needs --engine fsdp1 (fsdp2 always shards fully)")
     if args.engine == "fsdp1" and args.fsdp_strategy is None:
         args.fsdp_strategy = "FULL_SHARD"
+    try:
+        resume_point(args, world)  # before the configs: on a resume they start from its batch
+    except (CheckpointError, ValueError) as exc:
+        parser.error(str(exc))
+    if args.resume_from is None and args.initial_batch % unit:
+        parser.error(
+            f"--initial-batch {args.initial_batch} is not a multiple of --micro-batch x world "
+            f"size = {args.micro_batch} x {world} = {unit}"
+        )
     if args.engine in FSDP_ENGINES and args.optimizer in MATRIX_OPTIMIZERS:
         parser.error(
             f"--optimizer {args.optimizer} cannot run under --engine {args.engine}: FSDP hands "
@@ -293,6 +321,54 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     return args
 
 
+#: Flags a resumed run must share with its checkpoint (the others may change: the ranks, the
+#: micro-batch, evaluation, checkpointing and the run directory).
+RESUME_MUST_MATCH = (
+    "engine", "fsdp_strategy", "zero_stage", "optimizer", "lr", "aux_lr", "grad_clip",
+    "ns_dtype", "weight_decay", "batch_mode", "norm", "theta", "estimator", "interval",
+    "lr_scaling", "initial_batch", "max_batch", "warmup_fraction", "sample_budget", "seq_len",
+    "dim", "layers", "heads", "seed", "data", "corpus_mb", "val_bin", "val_fraction",
+)  # fmt: skip
+
+
+def resume_point(args: argparse.Namespace, world: int) -> None:
+    """Find the checkpoint --resume names and the batch the run starts with: sets
+    ``args.resume_from`` (a checkpoint directory or None) and ``args.start_batch``."""
+    args.resume_from, args.start_batch = None, args.initial_batch
+    if args.resume is None:
+        return
+    checkpoint = checkpoints.resolve(args.resume, Path(args.out))
+    if checkpoint is None:
+        return  # --resume auto, nothing saved yet: a fresh start
+    meta = checkpoints.read_meta(checkpoint)
+    saved = meta["args"]
+    differ = [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {getattr(args, k)!r})"
+        for k in RESUME_MUST_MATCH
+        if saved.get(k) != getattr(args, k)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"--resume {checkpoint}: the checkpoint was taken with " + ", ".join(differ)
+            + "; resume with the same flags"
+        )  # fmt: skip
+    unit = args.micro_batch * world
+    if unit != meta["micro_batch"] * meta["world_size"]:
+        if args.engine == "deepspeed" and meta["zero_stage"] and world != meta["world_size"]:
+            raise CheckpointError(
+                f"--resume {checkpoint}: ZeRO-{meta['zero_stage']} checkpoints hold one "
+                f"optimizer partition per rank ({meta['world_size']} ranks, this run {world}); "
+                "resume on as many ranks (ZeRO-0 converts)"
+            )
+        # the controller's own rule (BatchSizeController.load_state_dict converts the same way)
+        args.start_batch = resume_batch_size(
+            meta["batch_size"], unit=unit, maximum=args.max_batch or None
+        )
+    else:
+        args.start_batch = meta["batch_size"]
+    args.resume_from = str(checkpoint)
+
+
 def gns_config(args: argparse.Namespace) -> GNSConfig:
     return GNSConfig(
         adapt_batch_size=args.batch_mode == "adaptive",
@@ -300,7 +376,8 @@ def gns_config(args: argparse.Namespace) -> GNSConfig:
         theta=args.theta,
         interval=args.interval,
         warmup_samples=int(args.warmup_fraction * args.sample_budget),
-        initial_batch_size=args.initial_batch,
+        # on a resume, the checkpoint's batch: loading its state restores the run's own B0
+        initial_batch_size=args.start_batch,
         max_batch_size=args.max_batch or None,
         lr_scaling=args.lr_scaling,
         pool_moments=args.estimator == "pooled",
@@ -361,7 +438,7 @@ def deepspeed_config(args: argparse.Namespace, world_size: int) -> dict[str, Any
     return {
         **config,
         "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": args.initial_batch // (args.micro_batch * world_size),
+        "gradient_accumulation_steps": args.start_batch // (args.micro_batch * world_size),
         "zero_optimization": zero,
         "gradient_clipping": args.grad_clip,  # DeepSpeed 0.19 clips at 1.0 unless told
         "nongns": gns_config(args).to_dict(),
@@ -468,14 +545,31 @@ def evaluate(model: nn.Module, windows: torch.Tensor, micro_batch: int) -> float
     return (totals[0] / totals[1]).item()
 
 
-def global_mean(value: torch.Tensor) -> float:
-    total = value.detach().double().reshape(1)
-    dist.all_reduce(total)
-    return total.item() / dist.get_world_size()
+def global_mean_and_any(value: torch.Tensor, flag: bool) -> tuple[float, bool]:
+    """The mean of ``value`` over ranks and whether any rank raised ``flag``: one all-reduce."""
+    totals = torch.tensor([value.item(), float(flag)], dtype=torch.float64)
+    dist.all_reduce(totals)
+    return totals[0].item() / dist.get_world_size(), bool(totals[1] > 0)
 
 
 def finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no inf/nan
+
+
+def records_until(metrics: Path, step: int) -> list[str]:
+    """The lines of ``metrics`` (metrics.jsonl) of steps <= ``step``; a line cut short by a
+    killed job is dropped."""
+    if not metrics.is_file():
+        return []
+    kept = []
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line)
+    return kept
 
 
 class RunLog:
@@ -484,7 +578,10 @@ class RunLog:
 
     TensorBoard's x-axis is samples seen, so runs with different batch trajectories line up."""
 
-    def __init__(self, out: Path, enabled: bool) -> None:
+    def __init__(self, out: Path, enabled: bool, resume: Path | None = None) -> None:
+        """``resume``: the checkpoint the run continues from. metrics.jsonl then keeps the
+        records up to its step (from the checkpoint's run directory, which may be ``out``)
+        and drops later ones, which a run killed after the checkpoint had written."""
         self.enabled = enabled
         self.batch_trajectory: list[tuple[int, int]] = []
         self._jsonl = None
@@ -492,13 +589,25 @@ class RunLog:
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (out / "metrics.jsonl").open("w", buffering=1)
+        kept: list[str] = []
+        if resume is not None:
+            step = checkpoints.read_meta(resume)["step"]
+            kept = records_until(resume.parent.parent / "metrics.jsonl", step)
+            for line in kept:
+                record = json.loads(line)
+                self.batch(record["step"] - 1, record["batch_size"])
+        tmp = out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, out / "metrics.jsonl")
+        self._jsonl = (out / "metrics.jsonl").open("a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             self.say("tensorboard is not installed: TensorBoard logging skipped (metrics.jsonl)")
         else:
-            self._tb = SummaryWriter(str(out / "tensorboard"))
+            # purge_step: events past the checkpoint's samples (x-axis) are dropped on a resume
+            purge = json.loads(kept[-1])["samples"] + 1 if kept else None
+            self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
 
     def say(self, message: str) -> None:
         if self.enabled:
@@ -545,7 +654,8 @@ class DDPRuntime:
         self.eval_model: nn.Module = model if isinstance(self.wrapped, DDP) else self.wrapped
 
     def wrap(self, args: argparse.Namespace, model: nn.Module) -> nn.Module:
-        return DDP(model)
+        # One process: the plain module, which attach() measures from its micro-steps.
+        return DDP(model) if dist.get_world_size() > 1 else model
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         loss_sum = torch.zeros(())
@@ -564,16 +674,28 @@ class DDPRuntime:
         # FSDP2: DTensor gradients, whose norms clip_grad_norm_ reduces across the shards.
         torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.grad_clip)
 
-    def save(self, out: Path, args: argparse.Namespace) -> str:
+    def full_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def load_full_state(self, model: dict[str, Any], optimizer: dict[str, Any]) -> None:
+        self.model.load_state_dict(model)
+        self.optimizer.load_state_dict(optimizer)
+
+    def save(self, directory: Path, rank_state: dict[str, Any]) -> None:
+        """Collective (FSDP gathers): rank 0 writes model.pt, every rank its rank file."""
+        model, optimizer = self.full_state()
         if dist.get_rank() == 0:
-            checkpoint = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "monitor": self.readout.state_dict(),
-                "args": vars(args),
-            }
-            torch.save(checkpoint, out / "checkpoint.pt")
-        return "checkpoint.pt"
+            torch.save({"model": model, "optimizer": optimizer}, directory / "model.pt")
+        rank_state = {**rank_state, "monitor": self.readout.state_dict()}  # with its pool
+        torch.save(rank_state, rank_file(directory, dist.get_rank()))
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        """Restore model, optimizer and monitor; returns this rank's saved state."""
+        state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+        self.load_full_state(state["model"], state["optimizer"])
+        rank_state = load_rank_state(directory)
+        self.readout.load_state_dict(rank_state["monitor"])
+        return rank_state
 
 
 class FSDP2Runtime(DDPRuntime):
@@ -589,26 +711,26 @@ class FSDP2Runtime(DDPRuntime):
         fully_shard(model)  # in place: the root gathers what the blocks leave out
         return model
 
-    def save(self, out: Path, args: argparse.Namespace) -> str:
-        # Collective: every rank takes part in the gathers; rank 0 writes the file.
+    def full_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        # Collective: every rank takes part in the gathers. The model's keys are the plain
+        # module's (Llama.load_state_dict takes them), the optimizer's parameter names.
         options = StateDictOptions(full_state_dict=True, cpu_offload=self.cpu_offload)
-        model_state = get_model_state_dict(self.wrapped, options=options)
-        # get_optimizer_state_dict fills an empty state with a zero-lr optimizer.step(), which
-        # would also close a monitor step; a stateless optimizer (signsgd) has only its groups.
-        optimizer_state = (
+        model = get_model_state_dict(self.wrapped, options=options)
+        # get_optimizer_state_dict fills an empty state with a zero-lr optimizer.step() (not
+        # counted by the monitor: no gradient was reduced); a stateless optimizer (signsgd) has
+        # nothing to gather.
+        optimizer = (
             get_optimizer_state_dict(self.wrapped, self.optimizer, options=options)
             if self.optimizer.state
-            else self.optimizer.state_dict()
+            else {}
         )
-        if dist.get_rank() == 0:
-            checkpoint = {
-                "model": model_state,  # the plain module's keys: Llama.load_state_dict takes it
-                "optimizer": optimizer_state,  # keyed by parameter name, not index
-                "monitor": self.readout.state_dict(),
-                "args": vars(args),
-            }
-            torch.save(checkpoint, out / "checkpoint.pt")
-        return "checkpoint.pt (full state dicts)"
+        return model, optimizer
+
+    def load_full_state(self, model: dict[str, Any], optimizer: dict[str, Any]) -> None:
+        options = StateDictOptions(full_state_dict=True)  # every rank reads the whole file
+        set_model_state_dict(self.wrapped, model, options=options)
+        if optimizer:
+            set_optimizer_state_dict(self.wrapped, self.optimizer, optimizer, options=options)
 
 
 class FSDP1Runtime(FSDP2Runtime):
@@ -648,6 +770,7 @@ class DeepSpeedRuntime:
         self.optimizer = build_optimizer(args, model)  # groups (and lrs) stay shared under ZeRO
         config = deepspeed_config(args, dist.get_world_size())
         self.engine, *_ = nds.initialize(model=model, optimizer=self.optimizer, config=config)
+        self.zero_stage = int(config["zero_optimization"]["stage"])  # resuming checks it
         self.readout = self.engine.nongns
         self.eval_model = self.engine  # ZeRO-3 gathers its partitions in the engine's forward
 
@@ -660,9 +783,84 @@ class DeepSpeedRuntime:
             loss_sum += loss.detach()
         return loss_sum
 
-    def save(self, out: Path, args: argparse.Namespace) -> str:
-        self.engine.save_checkpoint(str(out / "checkpoint"), client_state={"args": vars(args)})
-        return "checkpoint/ (DeepSpeed)"
+    def save(self, directory: Path, rank_state: dict[str, Any]) -> None:
+        # The checkpoint directory is DeepSpeed's tag; the plugin adds its state to the
+        # client_state and writes each rank's pooled moments beside DeepSpeed's files.
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        torch.save(rank_state, rank_file(directory, dist.get_rank()))
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
+        if path is None:
+            raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint to load there")
+        return load_rank_state(directory)
+
+
+# -- checkpoints (layout: launch/checkpoints.py) ---------------------------------------------------
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's preemption, torchrun stopping its workers) asks the run to stop:
+    the loop checkpoints at the next step boundary and leaves with exit code 0. Every rank
+    learns of it in the step's loss all-reduce, so they stop at the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def save_checkpoint(runtime: DDPRuntime | DeepSpeedRuntime, args: argparse.Namespace,
+                    world: int) -> Path:  # fmt: skip
+    """Collective: the checkpoint of the step just closed, committed atomically."""
+    monitor = runtime.readout
+    partial = checkpoints.begin(Path(args.out) / "checkpoints", monitor.step)
+    runtime.save(partial, {"rng": torch.get_rng_state()})
+    meta = {
+        "step": monitor.step,
+        "samples": monitor.samples,
+        "batch_size": monitor.batch_size,
+        "world_size": world,
+        "micro_batch": args.micro_batch,
+        "zero_stage": getattr(runtime, "zero_stage", None),
+        "args": vars(args),
+    }
+    return checkpoints.commit(partial, meta, args.keep_checkpoints)
+
+
+def resume_from(runtime: DDPRuntime | DeepSpeedRuntime, checkpoint: Path) -> None:
+    """Load every part of ``checkpoint``; any failure is one clear error on every rank."""
+    meta = checkpoints.read_meta(checkpoint)
+    try:
+        rank_state = runtime.load(checkpoint)
+    except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise SystemExit(
+            f"train.py: error: cannot load checkpoint {checkpoint} (truncated, or not this "
+            f"run's?): {type(exc).__name__}: {exc}"
+        ) from exc
+    monitor = runtime.readout
+    if (monitor.step, monitor.samples) != (meta["step"], meta["samples"]):
+        raise SystemExit(
+            f"train.py: error: checkpoint {checkpoint} holds no nongns state for step "
+            f"{meta['step']} (loaded: step {monitor.step}, {monitor.samples} samples)"
+        )
+    if dist.get_rank() < meta["world_size"]:
+        torch.set_rng_state(rank_state["rng"])
+
+
+def rank_file(directory: Path, rank: int) -> Path:
+    return directory / f"rank{rank:05d}.pt"
+
+
+def load_rank_state(directory: Path) -> dict[str, Any]:
+    """This rank's saved state; on more ranks than the checkpoint had, rank 0's (the controller
+    state is the same on every rank; the pooled moments are refused as another rank's)."""
+    file = rank_file(directory, dist.get_rank())
+    if not file.is_file():
+        file = rank_file(directory, 0)
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 RUNTIMES: dict[str, type[DDPRuntime] | type[DeepSpeedRuntime]] = {
@@ -684,7 +882,7 @@ def train(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> None:
     started = time.perf_counter()
     out = Path(args.out)
-    log = RunLog(out, enabled=rank == 0)
+    stop = StopRequest()  # SIGTERM: checkpoint at the next step boundary, then leave
     corpus = load_data(args, local_rank)
     val_windows = validation_windows(corpus.val, args.seq_len, args.eval_batches * args.micro_batch)
 
@@ -701,15 +899,32 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
         raise SystemExit(f"train.py: error: {exc}") from exc
     monitor, optimizer = runtime.readout, runtime.optimizer
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # Muon's groups differ
+    resume = Path(args.resume_from) if args.resume_from else None
+    if resume is not None:
+        resume_from(runtime, resume)  # before the log: a bad checkpoint overwrites nothing
+        if monitor.samples >= args.sample_budget:
+            if rank == 0:
+                print(f"{resume}: the run is complete ({monitor.samples} samples)", flush=True)
+            return
+    log = RunLog(out, enabled=rank == 0, resume=resume)
 
     log.say(
         f"{args.engine}, world size {world}, {n_params / 1e6:.2f}M parameters, {args.optimizer} "
         f"lr {args.lr:g}, batch {args.batch_mode} from {args.initial_batch} (max "
         f"{args.max_batch}), budget {args.sample_budget} samples\ndata: {corpus.description}\n"
         f"run directory: {out}"
+        + (f"\nresumed from {resume} at step {monitor.step}, batch {monitor.batch_size}"
+           if resume else "")
+    )  # fmt: skip
+    bar = tqdm(
+        total=args.sample_budget,
+        initial=monitor.samples,
+        unit="sample",
+        disable=rank != 0,
+        dynamic_ncols=True,
     )
-    bar = tqdm(total=args.sample_budget, unit="sample", disable=rank != 0, dynamic_ncols=True)
     val_loss: float | None = None
+    saved: Path | None = None
     while monitor.samples < args.sample_budget:
         # What this step runs with; the controller may change them when the step closes.
         step, batch_size = monitor.step, monitor.batch_size
@@ -721,12 +936,14 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
         for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
             group["lr"] = peak * schedule  # the library multiplies by sqrt(B/B0) during step()
 
+        # the data position is the step: windows are drawn from (seed, rank, step)
         rng = batch_rng(args.seed, rank, step)
         windows = sample_windows(corpus.train, args.seq_len, accumulation * args.micro_batch, rng)
         before = monitor.last_estimate
         loss_sum = runtime.train_step(list(windows.split(args.micro_batch)))
         decision = monitor.last_decision
         assert decision is not None and monitor.step == step + 1  # set by the step that closed
+        train_loss, stopping = global_mean_and_any(loss_sum / accumulation, stop.requested)
 
         record: dict[str, Any] = {
             "step": monitor.step,
@@ -736,7 +953,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
             "accumulation": accumulation,
             "lr": peak_lrs[0] * schedule * multiplier,
             "lr_multiplier": multiplier,
-            "train_loss": global_mean(loss_sum / accumulation),
+            "train_loss": train_loss,
         }
         estimate: GNSEstimate | None = monitor.last_estimate
         if estimate is not None and estimate is not before:  # this step measured
@@ -765,11 +982,21 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
             postfix["val"] = f"{val_loss:.3f}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(min(batch_size, bar.total - bar.n))  # the last batch may overshoot the budget
+        every = args.checkpoint_every
+        if done or stopping or (every and monitor.step % every == 0):
+            saved = save_checkpoint(runtime, args, world)
+        if stopping and not done:
+            bar.close()
+            log.close()
+            log.say(
+                f"SIGTERM: stopped after step {monitor.step} ({monitor.samples} samples), "
+                f"checkpoint {saved}; continue with --resume {out} (or --resume auto)"
+            )
+            return
     bar.close()
 
-    assert val_loss is not None  # the last step always evaluates
+    assert val_loss is not None and saved is not None  # the last step evaluates and saves
     log.close()
-    checkpoint = runtime.save(out, args)  # collective under FSDP and DeepSpeed: all ranks call it
     if rank != 0:
         return
     summary = {
@@ -783,6 +1010,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
         "world_size": world,
         "parameters": n_params,
         "data": corpus.description,
+        "resumed_from": args.resume_from,
         "args": vars(args),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -791,7 +1019,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
         f"{monitor.samples} samples ({monitor.samples * args.seq_len:,} tokens), "
         f"{summary['wall_s']} s\n"
         f"batch trajectory (step, global batch): {log.batch_trajectory}\n"
-        f"outputs: {out}/metrics.jsonl, summary.json, {checkpoint}",
+        f"outputs: {out}/metrics.jsonl, summary.json, checkpoint {saved}",
         flush=True,
     )
 
