@@ -15,8 +15,8 @@ The run ends when --sample-budget samples are spent. The learning rate follows t
 controller's multiplier sqrt(B/B0), which the library (``nongns_dist.attach`` for DDP, FSDP2
 and FSDP1, ``nongns_dist.deepspeed.initialize`` for DeepSpeed) applies inside optimizer.step().
 Outputs in --out: metrics.jsonl (one line per optimizer step), TensorBoard events when the
-``tensorboard`` package is installed, a checkpoint (DDP, FSDP: checkpoint.pt, full state dicts;
-DeepSpeed: checkpoint/) and summary.json.
+``tensorboard`` package is installed, checkpoints/ (step directories: launch/checkpoints.py;
+--checkpoint-every, --resume, SIGTERM: README "Long runs") and summary.json.
 """
 
 from __future__ import annotations
@@ -496,7 +496,19 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.O
 
 def init_distributed(args: argparse.Namespace) -> tuple[int, int, int]:
     """Join the launcher's gloo group (env://); returns (rank, world size, local rank)."""
-    dist.init_process_group("gloo")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
+        # A torchrun restart (--max-restarts): the agent's store still holds the previous
+        # attempt's gloo addresses under env://'s keys, and the new group would connect to the
+        # dead ranks (pytorch/pytorch#135712). Each attempt gets its own key prefix.
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent_store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False
+        )
+        store = dist.PrefixStore(f"nongns_attempt_{restart}", agent_store)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    else:
+        dist.init_process_group("gloo")
     local = os.environ.get("LOCAL_RANK", args.local_rank)  # torchrun / deepspeed's --local_rank
     if local is None:
         raise SystemExit("train.py: error: no LOCAL_RANK: start with torchrun or deepspeed")
@@ -700,7 +712,7 @@ class DDPRuntime:
 
 class FSDP2Runtime(DDPRuntime):
     """FSDP2 as torchtitan applies it: ``fully_shard`` on each transformer block, then the root.
-    Saved as full (unsharded) state dicts in checkpoint.pt, the DDP layout."""
+    Saved as full (unsharded) state dicts in model.pt, the DDP layout."""
 
     #: Full state dicts on rank 0 only (on the CPU); the other ranks take part in the gathers.
     cpu_offload = True

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import train
-from launch.data import build_stdlib_corpus
+from launch import checkpoints, train
 from launch.llama import Llama
 
 from .test_data import TEST_CORPUS_MB
@@ -35,14 +34,6 @@ COMPARED = [*TINY, "--optimizer", "sgd", "--theta", "0.1", "--eval-batches", "3"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 
 
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The cache directory of test_data.py's session corpus (built once, whichever runs first)."""
-    cache = tmp_path_factory.getbasetemp() / "corpus"
-    build_stdlib_corpus(cache, TEST_CORPUS_MB)
-    return cache
-
-
 def _run(
     command: list[str], cwd: Path, timeout: float = 120, **env_extra: str
 ) -> subprocess.CompletedProcess:
@@ -53,6 +44,12 @@ def _run(
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+def _checkpoint(out: Path, name: str = "model.pt") -> dict:
+    """A file of the run's last checkpoint (model.pt; rank00000.pt: rank 0's monitor state)."""
+    last = checkpoints.complete_checkpoints(out / "checkpoints")[-1]
+    return torch.load(last / name, weights_only=True)
 
 
 def _records(out: Path) -> list[dict]:
@@ -122,12 +119,14 @@ def test_adaptive_run_on_two_ranks_grows_the_batch(tmp_path: Path, corpus_dir: P
     assert (out / "tensorboard").is_dir() == has_tensorboard
     assert ("tensorboard is not installed" in result.stdout + result.stderr) != has_tensorboard
 
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    last = checkpoints.complete_checkpoints(out / "checkpoints")[-1]
+    assert last.name == f"step_{summary['steps']:08d}"  # the end of the run is saved
     # The last step's decision is kept for a resume, even if no step ran with it.
-    assert checkpoint["monitor"]["controller"]["batch_size"] >= trajectory[-1][1]
-    assert checkpoint["args"]["optimizer"] == "signum"
+    monitor = _checkpoint(out, "rank00000.pt")["monitor"]
+    assert monitor["controller"]["batch_size"] >= trajectory[-1][1]
+    assert checkpoints.read_meta(last)["args"]["optimizer"] == "signum"
     model = Llama(train.model_config(train.parse_args(flags, world_size=2), vocab_size=256))
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(_checkpoint(out)["model"])
 
 
 @pytest.mark.distributed
@@ -170,10 +169,11 @@ def test_bad_flags_are_clean_errors(
     assert message in capsys.readouterr().err
 
 
-def test_single_process_is_refused_with_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+def test_single_process_fsdp_is_refused_with_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    assert train.parse_args([], world_size=1).engine == "ddp"  # one process: the plain module
     with pytest.raises(SystemExit):
-        train.parse_args([], world_size=1)
-    assert "torchrun --standalone --nproc-per-node 2" in capsys.readouterr().err
+        train.parse_args(["--engine", "fsdp2"], world_size=1)
+    assert "one process runs with --engine ddp" in capsys.readouterr().err
 
 
 def test_deepspeed_config_flags_are_checked(
@@ -217,16 +217,15 @@ def test_deepspeed_engine_reproduces_the_ddp_run(
     Stage 0 measures per-rank samples like DDP, so losses, noise scales and batches agree;
     ZeRO-2/3 measure per-micro-step samples (a different, valid estimate), so there the
     trajectory is pinned by the losses and the batch schedule."""
-    ddp_out, reference = ddp_run
+    _, reference = ddp_run
     assert len(reference[0]["batch_trajectory"]) >= 2  # the batch grew
     runs = {}
     for stage in ("0", "2", "3"):
         flags = [*COMPARED, "--corpus-dir", str(corpus_dir), "--engine", "deepspeed"]
         runs[stage] = _train_run(tmp_path / f"zero{stage}", [*flags, "--zero-stage", stage])
         _assert_reproduces(f"zero{stage}", runs[stage], reference, 1e-6 if stage == "0" else None)
-    assert (tmp_path / "zero3" / "checkpoint" / "latest").is_file()
+    assert checkpoints.complete_checkpoints(tmp_path / "zero3" / "checkpoints")
     assert runs["3"][0]["parameters"] == reference[0]["parameters"]  # counted before ZeRO-3
-    assert (ddp_out / "checkpoint.pt").is_file()
 
 
 @pytest.mark.distributed
@@ -244,7 +243,8 @@ def test_fsdp_engines_reproduce_the_ddp_run(
     the noise scale, a difference of near-equal sums, drifts from the DDP run (1e-6 after 9
     steps, 2e-5 after 19 on the full budget), so the clipped runs are short (7 steps)."""
     ddp_out, reference = ddp_run
-    ddp_checkpoint = torch.load(ddp_out / "checkpoint.pt", weights_only=True)
+    ddp_checkpoint = _checkpoint(ddp_out)
+    ddp_state = _checkpoint(ddp_out, "rank00000.pt")["monitor"]["controller"]
     flags = [*COMPARED, "--corpus-dir", str(corpus_dir)]
     clipped = [*flags, "--grad-clip", "0.5", "--sample-budget", "64"]
     clipped_reference = _train_run(tmp_path / "ddp-clipped", clipped)
@@ -254,15 +254,14 @@ def test_fsdp_engines_reproduce_the_ddp_run(
         _assert_reproduces(engine, run, reference, 1e-5)
         assert run[0]["engine"] == engine and run[0]["parameters"] == reference[0]["parameters"]
 
-        checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+        checkpoint = _checkpoint(out)
         assert checkpoint["model"].keys() == ddp_checkpoint["model"].keys()
         for key, value in ddp_checkpoint["model"].items():  # full tensors, the plain names
             torch.testing.assert_close(checkpoint["model"][key], value, rtol=1e-5, atol=1e-7)
         momenta = checkpoint["optimizer"]["state"]  # the full state, keyed by parameter name
         assert momenta.keys() == ddp_checkpoint["model"].keys()
         assert momenta["lm_head.weight"]["momentum_buffer"].shape == (256, 32)
-        state = checkpoint["monitor"]["controller"]
-        ddp_state = ddp_checkpoint["monitor"]["controller"]
+        state = _checkpoint(out, "rank00000.pt")["monitor"]["controller"]
         assert state.keys() == ddp_state.keys()
         for key, value in ddp_state.items():  # pooled_noise is None: l2 (SGD) is not pooled
             assert state[key] == (value if value is None else pytest.approx(value, rel=1e-5)), key
@@ -283,4 +282,4 @@ def test_deepspeed_launcher_script(tmp_path: Path, corpus_dir: Path, deepspeed_o
     _run(["bash", script, *flags], cwd=tmp_path, MASTER_PORT=port)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engine"] == "deepspeed" and summary["world_size"] == 2
-    assert summary["samples"] >= 80 and (out / "checkpoint" / "latest").is_file()
+    assert summary["samples"] >= 80 and checkpoints.complete_checkpoints(out / "checkpoints")

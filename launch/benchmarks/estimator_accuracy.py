@@ -1,7 +1,8 @@
 """How close measured noise is to the population's, on REAL per-example gradients.
 
-Takes a checkpoint of the main job (launch/train.py writes checkpoint.pt), computes the gradient
-of every one of --population training windows at those weights (one example = one window), and
+Takes a checkpoint of the main job (launch/train.py writes <run>/checkpoints/), computes the
+gradient of every one of --population training windows at those weights (one example = one
+window), and
 treats that set as the population: examples are drawn from it WITH replacement, so its own
 per-coordinate variances sigma_i^2 and row covariances C are exactly what an estimator
 estimates. Population noise (squared dual norms, what the controller divides by the signal):
@@ -22,7 +23,7 @@ reports, per estimator, mean(estimate) / population:
     pooled b      the same with a fixed EMA coefficient b instead (--betas)
     delta ...     (--delta) pooled, plus a delta-method bias correction of the sqrt-trace
 
-    python launch/benchmarks/estimator_accuracy.py --checkpoint runs/<run>/checkpoint.pt
+    python launch/benchmarks/estimator_accuracy.py --checkpoint runs/<run>
 
 CPU, one process; the per-example gradients are held in memory (population x parameters x 4
 bytes: 2.6 GB for the default model and 768 windows).
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from launch import checkpoints
 from launch.data import load_corpus, sample_windows
 from launch.llama import Llama, LlamaConfig
 from nongns_dist.estimators import (
@@ -55,7 +57,9 @@ from nongns_dist.optim import muon_param_groups
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of launch/train.py")
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint (or run) directory of launch/train.py"
+    )
     p.add_argument("--population", type=int, default=768, help="training windows (examples)")
     p.add_argument("--samples", type=int, nargs="+", default=[2, 4, 8], help="n per measurement")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="b per sample")
@@ -70,8 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(path: str) -> tuple[Llama, dict]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    args = checkpoint["args"]
+    directory = checkpoints.resolve(path, Path(path))
+    assert directory is not None
+    args = checkpoints.read_meta(directory)["args"]
+    checkpoint = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
     corpus = load_corpus(args["data"], cache_dir=args["corpus_dir"], corpus_mb=args["corpus_mb"])
     cfg = LlamaConfig(
         vocab_size=corpus.vocab_size,

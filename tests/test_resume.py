@@ -1,0 +1,344 @@
+"""Long runs of the main job: exact resume, SIGTERM, a lost rank under torchrun, elastic resume,
+bad checkpoints. Real torchrun launches on gloo; the reference is always the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from launch import checkpoints, train
+from nongns_dist import warmup_cosine
+
+from .test_train import TINY, TORCHRUN, TRAIN, _records, _run
+
+#: Signum grows the batch 4 -> 8 at step 9 and 8 -> 12 at step 11 (theta 0.5): a checkpoint
+#: every 5 steps puts step 10 between two changes.
+LONG = [*TINY, "--theta", "0.5", "--max-batch", "32", "--sample-budget", "320"]
+EVERY = ["--checkpoint-every", "5", "--keep-checkpoints", "0"]
+
+
+def _flags(corpus_dir: Path, *extra: str) -> list[str]:
+    return [*LONG, "--corpus-dir", str(corpus_dir), *extra]
+
+
+def _torchrun(ranks: int, flags: list[str], out: Path, **kw: str) -> subprocess.CompletedProcess:
+    return _run([*TORCHRUN, str(ranks), str(TRAIN), *flags, "--out", str(out)], out.parent, **kw)
+
+
+def _step_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step_{step:08d}"
+
+
+def _assert_same_records(records: list[dict], reference: list[dict]) -> None:
+    """Same steps, samples, batches, lrs, losses and noise scales: resumed runs repeat the
+    uninterrupted run bitwise here (measured: largest relative difference 0 on every key), so
+    the tolerance is float64 rounding."""
+    assert [r["step"] for r in records] == [r["step"] for r in reference]
+    for mine, ref in zip(records, reference, strict=True):
+        assert mine.keys() == ref.keys(), ref["step"]
+        for key, value in ref.items():
+            if isinstance(value, float):
+                assert mine[key] == pytest.approx(value, rel=1e-12, abs=1e-300), (ref["step"], key)
+            else:
+                assert mine[key] == value, (ref["step"], key)
+
+
+def _assert_each_sample_once(records: list[dict]) -> None:
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+    total = 0
+    for r in records:
+        total += r["batch_size"]
+        assert r["samples"] == total, r["step"]
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> dict[str, Path]:
+    """The uninterrupted runs (DDP and DeepSpeed stage 0), a checkpoint every 5 steps."""
+    runs = {}
+    for engine in ("ddp", "deepspeed"):
+        out = tmp_path_factory.mktemp("reference") / engine
+        _torchrun(2, _flags(corpus_dir, *EVERY, "--engine", engine), out)
+        runs[engine] = out
+    return runs
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_resume_continues_the_uninterrupted_run(
+    engine: str,
+    tmp_path: Path,
+    corpus_dir: Path,
+    deepspeed_ops: None,
+    reference_runs: dict[str, Path],
+) -> None:
+    reference = _records(reference_runs[engine])
+    batches = {r["step"]: r["batch_size"] for r in reference}
+    assert batches[9] < batches[10] < batches[12], "a batch change before and after step 10"
+    out = tmp_path / "resumed"
+    resume = ["--resume", str(_step_dir(reference_runs[engine], 10)), "--engine", engine]
+    resume += ["--checkpoint-every", "5"]
+    result = _torchrun(2, _flags(corpus_dir, *resume), out)
+    assert "resumed from" in result.stdout and "at step 10, batch 8" in result.stdout
+    # metrics.jsonl: the checkpoint run's records up to step 10, then this run's
+    _assert_same_records(_records(out), reference)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_val_loss"] == reference[-1]["val_loss"]
+    assert summary["batch_trajectory"] == [[0, 4], [9, 8], [11, 12]] == _trajectory(reference)
+    # --keep-checkpoints 2 (the default): the last two of this run, the end included
+    kept = checkpoints.complete_checkpoints(out / "checkpoints")
+    last_multiple = (summary["steps"] - 1) // 5 * 5
+    assert [p.name for p in kept] == [f"step_{s:08d}" for s in (last_multiple, summary["steps"])]
+
+
+def _trajectory(records: list[dict]) -> list[list[int]]:
+    changes: list[list[int]] = []
+    for r in records:
+        if not changes or changes[-1][1] != r["batch_size"]:
+            changes.append([r["step"] - 1, r["batch_size"]])
+    return changes
+
+
+def _launch(command: list[str], log: Path, token: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NONGNS_TEST_TOKEN": token}
+    env.pop("WORLD_SIZE", None)
+    with log.open("w") as sink:
+        return subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def _workers(token: str) -> dict[int, int]:
+    """rank -> pid of the training processes started with NONGNS_TEST_TOKEN=token."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0")
+                   if "=" in item)  # fmt: skip
+        if env.get("NONGNS_TEST_TOKEN") == token and "RANK" in env:
+            found[int(env["RANK"])] = int(pid)
+    return found
+
+
+def _wait_for_steps(out: Path, steps: int, process: subprocess.Popen, log: Path) -> None:
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+        assert process.poll() is None, log.read_text()[-5000:]
+        assert time.monotonic() < deadline, log.read_text()[-5000:]
+        time.sleep(0.01)
+
+
+#: Long enough (~180 steps, a few seconds) that a signal sent at step 20 arrives mid-run.
+FAULT_RUN = [*TINY, "--theta", "0.5", "--max-batch", "32", "--sample-budget", "3200"]
+
+
+@pytest.fixture(scope="module")
+def fault_reference(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> list[dict]:
+    out = tmp_path_factory.mktemp("fault-reference") / "run"
+    _torchrun(2, [*FAULT_RUN, "--corpus-dir", str(corpus_dir)], out)
+    return _records(out)
+
+
+@pytest.mark.distributed
+def test_sigterm_saves_at_the_step_boundary_and_resume_auto_finishes(
+    tmp_path: Path, corpus_dir: Path, fault_reference: list[dict]
+) -> None:
+    """What a scheduler's preemption sends: SIGTERM to every training process."""
+    out, log, token = tmp_path / "run", tmp_path / "first.log", uuid.uuid4().hex
+    command = [*TORCHRUN, "2", str(TRAIN), *FAULT_RUN, "--corpus-dir", str(corpus_dir)]
+    command += ["--out", str(out), "--resume", "auto"]
+    process = _launch(command, log, token)
+    _wait_for_steps(out, 20, process, log)
+    for pid in _workers(token).values():
+        os.kill(pid, signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, log.read_text()[-5000:]  # a clean exit
+    stopped = _records(out)
+    assert len(stopped) < len(fault_reference), "the signal came after the run had finished"
+    saved = checkpoints.complete_checkpoints(out / "checkpoints")
+    assert saved[-1] == _step_dir(out, stopped[-1]["step"])  # at the step it stopped after
+    assert "SIGTERM: stopped after step" in log.read_text()
+    assert not (out / "summary.json").exists()
+
+    result = _run(command, tmp_path)  # the same command again
+    assert f"at step {stopped[-1]['step']}" in result.stdout
+    _assert_same_records(_records(out), fault_reference)
+
+
+@pytest.mark.distributed
+def test_a_lost_rank_restarts_from_the_last_checkpoint(
+    tmp_path: Path, corpus_dir: Path, fault_reference: list[dict]
+) -> None:
+    """torchrun --max-restarts 1 and --resume auto; rank 1 is SIGKILLed after step 25."""
+    out, log, token = tmp_path / "run", tmp_path / "torchrun.log", uuid.uuid4().hex
+    command = [*TORCHRUN[:-1], "--max-restarts", "1", "--nproc-per-node", "2", str(TRAIN)]
+    command += [*FAULT_RUN, "--corpus-dir", str(corpus_dir), "--out", str(out)]
+    command += ["--resume", "auto", "--checkpoint-every", "10"]
+    process = _launch(command, log, token)
+    _wait_for_steps(out, 25, process, log)
+    os.kill(_workers(token)[1], signal.SIGKILL)
+    assert process.wait(timeout=180) == 0, log.read_text()[-5000:]
+    text = log.read_text()
+    resumed_at = int(text.split("resumed from ")[1].split(" at step ")[1].split(",")[0])
+    assert resumed_at >= 20 and resumed_at % 10 == 0, resumed_at
+    records = _records(out)
+    _assert_each_sample_once(records)
+    _assert_same_records(records, fault_reference)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("ranks", "micro", "batch"),
+    [
+        (4, 2, 16),  # 2 -> 4 ranks: the checkpoint's 12 rounds up to a multiple of 8
+        (1, 2, 12),  # 2 -> 1 rank: 12 is feasible; one process measures from micro-steps
+        (2, 4, 16),  # another micro-batch: unit 8
+    ],
+)
+def test_elastic_resume_converts_the_batch(
+    ranks: int,
+    micro: int,
+    batch: int,
+    tmp_path: Path,
+    corpus_dir: Path,
+    reference_runs: dict[str, Path],
+) -> None:
+    _check_elastic(reference_runs["ddp"], 15, ranks, micro, batch, tmp_path, corpus_dir, "ddp")
+
+
+@pytest.mark.distributed
+def test_elastic_resume_four_to_two_ranks(
+    tmp_path: Path, corpus_dir: Path, reference_runs: dict[str, Path]
+) -> None:
+    four = tmp_path / "four"
+    resume = ["--resume", str(_step_dir(reference_runs["ddp"], 10)), *EVERY]
+    _torchrun(4, _flags(corpus_dir, *resume), four)  # 2 -> 4 at batch 8
+    step = 15
+    checkpoint = checkpoints.read_meta(_step_dir(four, step))
+    assert checkpoint["world_size"] == 4 and checkpoint["batch_size"] % 8 == 0
+    _check_elastic(four, step, 2, 2, checkpoint["batch_size"], tmp_path, corpus_dir, "ddp")
+
+
+@pytest.mark.distributed
+def test_elastic_resume_deepspeed_two_to_one(
+    tmp_path: Path, corpus_dir: Path, deepspeed_ops: None, reference_runs: dict[str, Path]
+) -> None:
+    _check_elastic(reference_runs["deepspeed"], 15, 1, 4, 12, tmp_path, corpus_dir, "deepspeed")
+
+
+def _check_elastic(
+    source: Path,
+    step: int,
+    ranks: int,
+    micro: int,
+    batch: int,
+    tmp_path: Path,
+    corpus_dir: Path,
+    engine: str,
+) -> None:
+    """Resume ``source``'s checkpoint of ``step`` on ``ranks`` x ``micro``: the controller's
+    samples and warm-up go on, the batch becomes ``batch``, the lr multiplier sqrt(batch / 4)."""
+    checkpoint = _step_dir(source, step)
+    meta = checkpoints.read_meta(checkpoint)
+    out = tmp_path / f"elastic-{ranks}x{micro}"
+    flags = ["--resume", str(checkpoint), "--micro-batch", str(micro), "--engine", engine]
+    _torchrun(ranks, _flags(corpus_dir, *flags), out)
+    records = _records(out)
+    _assert_each_sample_once(records)
+    before = [r for r in records if r["step"] <= step]
+    assert before == [r for r in _records(source) if r["step"] <= step]
+    first = records[step]  # the first step on the new ranks
+    assert first["samples"] == meta["samples"] + batch
+    assert first["batch_size"] == batch and first["accumulation"] == batch // (micro * ranks)
+    assert first["lr_multiplier"] == pytest.approx(math.sqrt(batch / 4))
+    schedule = warmup_cosine(meta["samples"], 320, warmup_fraction=0.1)
+    assert first["lr"] == pytest.approx(1e-3 * schedule * math.sqrt(batch / 4))
+    assert all(r["batch_size"] >= batch for r in records[step:])  # never smaller afterwards
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == ranks and summary["samples"] >= 320
+
+
+def _write_checkpoint(path: Path, **meta: object) -> Path:
+    path.mkdir(parents=True)
+    (path / "trainer.json").write_text(json.dumps({"format": checkpoints.FORMAT, **meta}))
+    return path
+
+
+def test_bad_resume_paths_and_contradicting_flags_are_clean_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def error(flags: list[str], world: int = 2) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args([*flags, "--out", str(tmp_path / "out")], world_size=world)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    saved = vars(train.parse_args(["--out", str(tmp_path / "out")], world_size=2))
+    good = _write_checkpoint(
+        tmp_path / "run" / "checkpoints" / "step_00000010",
+        step=10, samples=80, batch_size=24, world_size=2, micro_batch=4, zero_stage=None,
+        args=saved,
+    )  # fmt: skip
+    args = train.parse_args(["--resume", str(tmp_path / "run")], world_size=2)
+    assert args.resume_from == str(good) and args.start_batch == 24
+    args = train.parse_args(["--resume", str(good)], world_size=4)  # unit 16: 24 -> 32
+    assert args.start_batch == 32 and train.gns_config(args).initial_batch_size == 32
+    assert train.parse_args(["--resume", "auto"], world_size=2).resume_from is None  # fresh
+
+    assert "no such file or directory" in error(["--resume", str(tmp_path / "nowhere")])
+    (tmp_path / "empty").mkdir()
+    assert "neither a checkpoint" in error(["--resume", str(tmp_path / "empty")])
+    (tmp_path / "file.pt").write_bytes(b"\0")
+    assert "train.py checkpoints are directories" in error(["--resume", str(tmp_path / "file.pt")])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "trainer.json").write_text('{"format": "something else"}')
+    assert "not a checkpoint of launch/train.py" in error(["--resume", str(foreign)])
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "trainer.json").write_text('{"format": "nongns')
+    assert "unreadable" in error(["--resume", str(cut)])
+    message = error(["--resume", str(good), "--seed", "1", "--theta", "0.3"])
+    assert "--seed 0 (this run: 1)" in message and "--theta 0.6 (this run: 0.3)" in message
+    zero1 = _write_checkpoint(
+        tmp_path / "zero1",
+        step=10, samples=80, batch_size=24, world_size=2, micro_batch=4, zero_stage=1,
+        args={**saved, "engine": "deepspeed"},
+    )  # fmt: skip
+    assert "ZeRO-1 checkpoints hold one optimizer partition per rank" in error(
+        ["--resume", str(zero1), "--engine", "deepspeed"], world=4
+    )
+    for flag in ("--checkpoint-every", "--keep-checkpoints"):
+        assert f"{flag} must be >= 0" in error([flag, "-1"])
+
+
+@pytest.mark.distributed
+def test_a_truncated_checkpoint_is_a_clean_error_and_overwrites_nothing(
+    tmp_path: Path, corpus_dir: Path, reference_runs: dict[str, Path]
+) -> None:
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    checkpoint = out / "checkpoints" / "step_00000010"
+    source = _step_dir(reference_runs["ddp"], 10)
+    shutil.copytree(source, checkpoint)
+    model = checkpoint / "model.pt"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    (out / "metrics.jsonl").write_text("kept as it is\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [*TORCHRUN, "2", str(TRAIN), *_flags(corpus_dir, "--out", str(out))]
+    result = subprocess.run(
+        [*command, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert f"cannot load checkpoint {checkpoint}" in result.stdout + result.stderr
+    assert (out / "metrics.jsonl").read_text() == "kept as it is\n"
