@@ -62,7 +62,14 @@ from launch.data import (
     validation_windows,
 )
 from launch.llama import Block, Llama, LlamaConfig
-from nongns_dist import GNSConfig, GNSEstimate, attach, resume_batch_size, warmup_cosine
+from nongns_dist import (
+    GNSConfig,
+    GNSEstimate,
+    attach,
+    exit_cleanly,
+    resume_batch_size,
+    warmup_cosine,
+)
 from nongns_dist.optim import Muon, SignSGD, Signum, muon_param_groups
 
 OPTIMIZERS = ("signum", "signsgd", "muon", "specsgd", "adamw", "sgd")
@@ -1040,19 +1047,6 @@ def main(argv: list[str] | None = None) -> None:
     train(parse_args(argv))
 
 
-def exit_cleanly() -> None:
-    """Leave a finished distributed run with exit code 0.
-
-    gloo's worker threads can still be alive during interpreter finalization, which then aborts
-    ("terminate called without an active exception", SIGABRT) in about 1 run in 10, upstream
-    and with or without this library. The run is over: the process group is destroyed and every
-    output file is closed, so flush the streams and leave without running finalizers.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
     main()
-    exit_cleanly()
+    exit_cleanly()  # the run is over, its files closed: exit 0 without gloo's teardown abort

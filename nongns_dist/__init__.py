@@ -20,7 +20,7 @@ from nongns_dist.controller import (
     resume_batch_size,
     warmup_cosine,
 )
-from nongns_dist.engines import GNSMonitor, MicroStep, attach
+from nongns_dist.engines import GNSMonitor, MicroStep, attach, exit_cleanly
 from nongns_dist.estimators import GNSEstimate, LayerEstimate, estimate_gns
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "MicroStep",
     "attach",
     "estimate_gns",
+    "exit_cleanly",
     "feasible_batch_size",
     "lr_multiplier",
     "resume_batch_size",

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from launch.benchmarks.comm_bytes import ByteCounter
 from launch.llama import Llama, LlamaConfig
-from nongns_dist import GNSConfig, attach
+from nongns_dist import GNSConfig, attach, exit_cleanly
 from nongns_dist.norms import as_matrix
 from nongns_dist.optim import Signum
 
@@ -236,3 +236,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_cleanly()  # exit 0 without gloo's teardown abort (nongns_dist.exit_cleanly)

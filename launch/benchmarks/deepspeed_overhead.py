@@ -24,6 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import nongns_dist.deepspeed as nds
 from launch.llama import Llama, LlamaConfig
+from nongns_dist import exit_cleanly
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
@@ -101,3 +102,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_cleanly()  # exit 0 without gloo's teardown abort (nongns_dist.exit_cleanly)

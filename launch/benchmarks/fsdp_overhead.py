@@ -41,7 +41,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from launch.benchmarks.comm_bytes import ByteCounter, Bytes
 from launch.llama import Llama, LlamaConfig
-from nongns_dist import GNSConfig, attach
+from nongns_dist import GNSConfig, attach, exit_cleanly
 from nongns_dist.capture.fsdp2 import slot_width, unchunk
 from nongns_dist.engines.torch_native import GNSMonitor
 from nongns_dist.norms import as_matrix
@@ -512,3 +512,4 @@ def report(
 
 if __name__ == "__main__":
     main()
+    exit_cleanly()  # exit 0 without gloo's teardown abort (nongns_dist.exit_cleanly)

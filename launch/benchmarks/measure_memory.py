@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from nongns_dist import GNSConfig, attach
+from nongns_dist import GNSConfig, attach, exit_cleanly
 
 WIDTH = 1024
 MICRO = 8
@@ -120,3 +120,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_cleanly()  # exit 0 without gloo's teardown abort (nongns_dist.exit_cleanly)

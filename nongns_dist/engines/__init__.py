@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nongns_dist.engines.exit import exit_cleanly
 from nongns_dist.engines.torch_native import GNSMonitor, MicroStep, attach
 
-__all__ = ["GNSMonitor", "MicroStep", "attach"]
+__all__ = ["GNSMonitor", "MicroStep", "attach", "exit_cleanly"]
