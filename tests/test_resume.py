@@ -62,9 +62,9 @@ def _assert_each_sample_once(records: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def reference_runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> dict[str, Path]:
-    """The uninterrupted runs (DDP and DeepSpeed stage 0), a checkpoint every 5 steps."""
+    """The uninterrupted runs (DDP, FSDP2, DeepSpeed stage 0), a checkpoint every 5 steps."""
     runs = {}
-    for engine in ("ddp", "deepspeed"):
+    for engine in ("ddp", "fsdp2", "deepspeed"):
         out = tmp_path_factory.mktemp("reference") / engine
         _torchrun(2, _flags(corpus_dir, *EVERY, "--engine", engine), out)
         runs[engine] = out
@@ -72,7 +72,7 @@ def reference_runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
 def test_resume_continues_the_uninterrupted_run(
     engine: str,
     tmp_path: Path,
