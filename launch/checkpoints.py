@@ -31,6 +31,7 @@ __all__ = [
     "complete_checkpoints",
     "read_meta",
     "resolve",
+    "step_name",
 ]
 
 #: trainer.json's "format": a directory without it is not a train.py checkpoint.
@@ -43,6 +44,7 @@ class CheckpointError(ValueError):
 
 
 def step_name(step: int) -> str:
+    """The directory name of the checkpoint of optimizer step ``step``: ``step_00000120``."""
     return f"step_{step:08d}"
 
 
@@ -106,7 +108,10 @@ def begin(root: Path, step: int) -> Path:
 
 def commit(partial: Path, meta: dict[str, Any], keep: int) -> Path:
     """Collective: after every rank wrote into ``partial``, rank 0 writes trainer.json and
-    renames the directory to step_NNNNNNNN; then removes all but the last ``keep`` (0: none)."""
+    renames the directory to step_NNNNNNNN; then keeps the last ``keep`` (0: all) of this run.
+
+    Checkpoints of later steps are another timeline (the run was resumed from an earlier step):
+    they go, so that ``--resume auto`` and the pruning only ever see this run's."""
     final = partial.parent / step_name(meta["step"])
     dist.barrier()  # every rank's files are written
     if dist.get_rank() == 0:
@@ -114,7 +119,9 @@ def commit(partial: Path, meta: dict[str, Any], keep: int) -> Path:
         if final.exists():  # the same step saved again (a resumed run's last step)
             shutil.rmtree(final)
         os.replace(partial, final)  # the commit
-        if keep:
-            for old in complete_checkpoints(partial.parent)[:-keep]:
-                shutil.rmtree(old)
+        saved = complete_checkpoints(partial.parent)
+        stale = [p for p in saved if p.name > final.name]
+        older = [p for p in saved if p.name < final.name]
+        for old in stale + (older[: max(0, len(older) - keep + 1)] if keep else []):
+            shutil.rmtree(old)
     return final

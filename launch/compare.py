@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -145,6 +146,9 @@ class Runner:
             ]
             print(f"[{time.strftime('%H:%M:%S')}] run {name}: {' '.join(command)}", flush=True)
             directory.mkdir(parents=True, exist_ok=True)
+            # a stale or interrupted run of this directory starts over (train.py refuses to
+            # start a fresh run beside an earlier run's checkpoints)
+            shutil.rmtree(directory / "checkpoints", ignore_errors=True)
             with (directory / "train.log").open("w") as log:
                 env = {**os.environ, "PYTHONUNBUFFERED": "1"}
                 code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)

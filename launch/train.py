@@ -328,14 +328,12 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     return args
 
 
-#: Flags a resumed run must share with its checkpoint (the others may change: the ranks, the
-#: micro-batch, evaluation, checkpointing and the run directory).
-RESUME_MUST_MATCH = (
-    "engine", "fsdp_strategy", "zero_stage", "optimizer", "lr", "aux_lr", "grad_clip",
-    "ns_dtype", "weight_decay", "batch_mode", "norm", "theta", "estimator", "interval",
-    "lr_scaling", "initial_batch", "max_batch", "warmup_fraction", "sample_budget", "seq_len",
-    "dim", "layers", "heads", "seed", "data", "corpus_mb", "val_bin", "val_fraction",
-)  # fmt: skip
+#: What a resumed run may change (the ranks change outside the flags); every other flag must
+#: be the checkpoint's.
+RESUME_MAY_CHANGE = frozenset({
+    "micro_batch", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+    "resume", "out", "corpus_dir", "local_rank", "resume_from", "start_batch",
+})  # fmt: skip
 
 
 def resume_point(args: argparse.Namespace, world: int) -> None:
@@ -343,6 +341,12 @@ def resume_point(args: argparse.Namespace, world: int) -> None:
     ``args.resume_from`` (a checkpoint directory or None) and ``args.start_batch``."""
     args.resume_from, args.start_batch = None, args.initial_batch
     if args.resume is None:
+        saved = checkpoints.complete_checkpoints(Path(args.out) / "checkpoints")
+        if saved:
+            raise CheckpointError(
+                f"--out {args.out} holds checkpoints of an earlier run (latest: {saved[-1].name}): "
+                "continue it with --resume auto, or start this one in another --out"
+            )
         return
     checkpoint = checkpoints.resolve(args.resume, Path(args.out))
     if checkpoint is None:
@@ -350,23 +354,23 @@ def resume_point(args: argparse.Namespace, world: int) -> None:
     meta = checkpoints.read_meta(checkpoint)
     saved = meta["args"]
     differ = [
-        f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {getattr(args, k)!r})"
-        for k in RESUME_MUST_MATCH
-        if saved.get(k) != getattr(args, k)
+        f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {v!r})"
+        for k, v in vars(args).items()
+        if k not in RESUME_MAY_CHANGE and saved.get(k) != v
     ]
     if differ:
         raise CheckpointError(
             f"--resume {checkpoint}: the checkpoint was taken with " + ", ".join(differ)
             + "; resume with the same flags"
         )  # fmt: skip
+    if meta["zero_stage"] and world != meta["world_size"]:
+        raise CheckpointError(
+            f"--resume {checkpoint}: ZeRO-{meta['zero_stage']} checkpoints hold one optimizer "
+            f"partition per rank ({meta['world_size']} ranks, this run {world}); resume on as "
+            "many ranks (ZeRO-0 converts)"
+        )
     unit = args.micro_batch * world
     if unit != meta["micro_batch"] * meta["world_size"]:
-        if args.engine == "deepspeed" and meta["zero_stage"] and world != meta["world_size"]:
-            raise CheckpointError(
-                f"--resume {checkpoint}: ZeRO-{meta['zero_stage']} checkpoints hold one "
-                f"optimizer partition per rank ({meta['world_size']} ranks, this run {world}); "
-                "resume on as many ranks (ZeRO-0 converts)"
-            )
         # the controller's own rule (BatchSizeController.load_state_dict converts the same way)
         args.start_batch = resume_batch_size(
             meta["batch_size"], unit=unit, maximum=args.max_batch or None
@@ -610,6 +614,7 @@ class RunLog:
         out.mkdir(parents=True, exist_ok=True)
         kept: list[str] = []
         if resume is not None:
+            (out / "summary.json").unlink(missing_ok=True)  # of a run this one replaces
             step = checkpoints.read_meta(resume)["step"]
             kept = records_until(resume.parent.parent / "metrics.jsonl", step)
             for line in kept:
@@ -849,16 +854,22 @@ def save_checkpoint(runtime: DDPRuntime | DeepSpeedRuntime, args: argparse.Names
     return checkpoints.commit(partial, meta, args.keep_checkpoints)
 
 
-def resume_from(runtime: DDPRuntime | DeepSpeedRuntime, checkpoint: Path) -> None:
-    """Load every part of ``checkpoint``; any failure is one clear error on every rank."""
+def load_checkpoint(runtime: DDPRuntime | DeepSpeedRuntime, checkpoint: Path) -> None:
+    """Load every part of ``checkpoint``; a failure on any rank stops every rank with an error
+    (they agree in one all-reduce first, so none goes on to write outputs)."""
     meta = checkpoints.read_meta(checkpoint)
+    error, rank_state = None, {}
     try:
         rank_state = runtime.load(checkpoint)
     except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    failed = torch.tensor([float(error is not None)])
+    dist.all_reduce(failed)
+    if failed.item():
         raise SystemExit(
             f"train.py: error: cannot load checkpoint {checkpoint} (truncated, or not this "
-            f"run's?): {type(exc).__name__}: {exc}"
-        ) from exc
+            f"run's?): {error or f'{int(failed.item())} other rank(s) failed, see their errors'}"
+        )
     monitor = runtime.readout
     if (monitor.step, monitor.samples) != (meta["step"], meta["samples"]):
         raise SystemExit(
@@ -891,11 +902,13 @@ RUNTIMES: dict[str, type[DDPRuntime] | type[DeepSpeedRuntime]] = {
 
 
 def train(args: argparse.Namespace) -> None:
+    """Run the job; the process group stays up for ``exit_cleanly`` unless the job failed."""
     rank, world, local_rank = init_distributed(args)
     try:
         _train(args, rank, world, local_rank)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
 
 
 def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> None:
@@ -920,7 +933,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # Muon's groups differ
     resume = Path(args.resume_from) if args.resume_from else None
     if resume is not None:
-        resume_from(runtime, resume)  # before the log: a bad checkpoint overwrites nothing
+        load_checkpoint(runtime, resume)  # before the log: a bad checkpoint overwrites nothing
         if monitor.samples >= args.sample_budget:
             if rank == 0:
                 print(f"{resume}: the run is complete ({monitor.samples} samples)", flush=True)

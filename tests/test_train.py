@@ -120,7 +120,7 @@ def test_adaptive_run_on_two_ranks_grows_the_batch(tmp_path: Path, corpus_dir: P
     assert ("tensorboard is not installed" in result.stdout + result.stderr) != has_tensorboard
 
     last = checkpoints.complete_checkpoints(out / "checkpoints")[-1]
-    assert last.name == f"step_{summary['steps']:08d}"  # the end of the run is saved
+    assert last.name == checkpoints.step_name(summary["steps"])  # the end of the run is saved
     # The last step's decision is kept for a resume, even if no step ran with it.
     monitor = _checkpoint(out, "rank00000.pt")["monitor"]
     assert monitor["controller"]["batch_size"] >= trajectory[-1][1]

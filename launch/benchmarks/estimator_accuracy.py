@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_model(path: str) -> tuple[Llama, dict]:
     directory = checkpoints.resolve(path, Path(path))
-    assert directory is not None
+    if directory is None or not (directory / "model.pt").is_file():
+        raise SystemExit(f"--checkpoint {path}: no DDP/FSDP checkpoint of launch/train.py there")
     args = checkpoints.read_meta(directory)["args"]
     checkpoint = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
     corpus = load_corpus(args["data"], cache_dir=args["corpus_dir"], corpus_mb=args["corpus_mb"])

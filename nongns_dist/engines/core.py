@@ -103,7 +103,7 @@ class StepCore(ControllerReadout):
         if not applied:
             self.skipped_steps += 1
             logger.info(
-                "step %d: optimizer update skipped (loss-scale overflow): samples counted, "
+                "step %d: optimizer update skipped (e.g. a loss-scale overflow): samples counted, "
                 "not measured, batch unchanged", self.controller.step,
             )  # fmt: skip
             estimate = None
