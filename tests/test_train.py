@@ -125,7 +125,8 @@ def test_adaptive_run_on_two_ranks_grows_the_batch(tmp_path: Path, corpus_dir: P
     monitor = _checkpoint(out, "rank00000.pt")["monitor"]
     assert monitor["controller"]["batch_size"] >= trajectory[-1][1]
     assert checkpoints.read_meta(last)["args"]["optimizer"] == "signum"
-    model = Llama(train.model_config(train.parse_args(flags, world_size=2), vocab_size=256))
+    args = train.parse_args([*flags, "--resume", "auto"], world_size=2)  # its last checkpoint
+    model = Llama(train.model_config(args, vocab_size=256))
     model.load_state_dict(_checkpoint(out)["model"])
 
 
