@@ -1,10 +1,12 @@
 """Train a small Llama data-parallel, growing the global batch from the optimizer-geometry noise
 scale (nongns_dist, arXiv 2602.03001). CPU + gloo; no downloads: by default the corpus is the
-bytes of this machine's Python standard library.
+bytes of this machine's Python standard library. On a GPU machine (--device auto picks CUDA
+when torch finds it) each process drives the GPU of its LOCAL_RANK over NCCL.
 
     torchrun --standalone --nproc-per-node 2 launch/train.py      # the default: ~2 min, 2 cores
     torchrun ... launch/train.py --optimizer adamw --batch-mode constant --initial-batch 32
     torchrun ... launch/train.py --engine fsdp2                   # fully_shard per block + root
+    torchrun --standalone --nproc-per-node 8 launch/train.py --device cuda --autocast bf16
     torchrun ... launch/train.py --engine fsdp1 --fsdp-strategy SHARD_GRAD_OP
     torchrun ... launch/train.py --engine deepspeed --zero-stage 2  # DeepSpeed, ZeRO-2
     bash launch/deepspeed_launcher.sh --zero-stage 1              # DeepSpeed's own launcher
@@ -22,6 +24,7 @@ Outputs in --out: metrics.jsonl (one line per optimizer step), TensorBoard event
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -132,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="deepspeed: a JSON file with further DeepSpeed settings; the batch, optimizer, "
         "scheduler, gradient_clipping and nongns keys come from the flags and must not be in it",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="auto: cuda when torch finds a CUDA device, else cpu. cuda: one GPU per process "
+        "(LOCAL_RANK), NCCL; cpu: gloo",
+    )
+    p.add_argument(
+        "--autocast",
+        choices=("none", "bf16"),
+        default="none",
+        help="bf16: forward passes under torch.autocast(bfloat16), the loss in float32; "
+        "parameters, gradients and the noise-scale statistics stay float32. Also on the CPU "
+        "(slower there than float32: for checking a GPU run's numerics on a CPU)",
     )
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is used.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -257,6 +276,13 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     # here, before any process group exists, and every rank fails with the same message.
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     unit = args.micro_batch * world
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            "--device cuda: torch finds no CUDA device (torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}); use --device cpu"
+        )
     if world < 2 and args.engine in FSDP_ENGINES:
         parser.error(
             f"--engine {args.engine} shards across ranks and measures across them: launch 2 or "
@@ -328,11 +354,12 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     return args
 
 
-#: What a resumed run may change (the ranks change outside the flags); every other flag must
-#: be the checkpoint's.
+#: What a resumed run may change (the ranks change outside the flags; a checkpoint holds CPU
+#: tensors, so a CUDA run resumes on the CPU and back); every other flag must be the
+#: checkpoint's (one saved before a flag existed has its default).
 RESUME_MAY_CHANGE = frozenset({
     "micro_batch", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-    "resume", "out", "corpus_dir", "local_rank", "resume_from", "start_batch",
+    "resume", "out", "corpus_dir", "local_rank", "resume_from", "start_batch", "device",
 })  # fmt: skip
 
 
@@ -352,11 +379,11 @@ def resume_point(args: argparse.Namespace, world: int) -> None:
     if checkpoint is None:
         return  # --resume auto, nothing saved yet: a fresh start
     meta = checkpoints.read_meta(checkpoint)
-    saved = meta["args"]
+    saved, parser = meta["args"], build_parser()
     differ = [
-        f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {v!r})"
+        f"--{k.replace('_', '-')} {saved.get(k, parser.get_default(k))!r} (this run: {v!r})"
         for k, v in vars(args).items()
-        if k not in RESUME_MAY_CHANGE and saved.get(k) != v
+        if k not in RESUME_MAY_CHANGE and saved.get(k, parser.get_default(k)) != v
     ]
     if differ:
         raise CheckpointError(
@@ -506,24 +533,38 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.O
 
 
 def init_distributed(args: argparse.Namespace) -> tuple[int, int, int]:
-    """Join the launcher's gloo group (env://); returns (rank, world size, local rank)."""
+    """Join the launcher's group (env://): NCCL on CUDA, each process on the GPU of its local
+    rank; gloo on the CPU. Returns (rank, world size, local rank)."""
+    local = os.environ.get("LOCAL_RANK", args.local_rank)  # torchrun / deepspeed's --local_rank
+    if local is None:
+        raise SystemExit("train.py: error: no LOCAL_RANK: start with torchrun or deepspeed")
+    backend = "gloo"
+    if args.device == "cuda":
+        # before the group: NCCL binds each rank's communicator to the current device
+        torch.cuda.set_device(int(local))
+        backend = "nccl"
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
         # A torchrun restart (--max-restarts): the agent's store still holds the previous
-        # attempt's gloo addresses under env://'s keys, and the new group would connect to the
-        # dead ranks (pytorch/pytorch#135712). Each attempt gets its own key prefix.
+        # attempt's addresses (gloo's; NCCL's unique id) under env://'s keys, and the new group
+        # would connect to the dead ranks (pytorch/pytorch#135712). Each attempt gets its own
+        # key prefix.
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         agent_store = dist.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False
         )
         store = dist.PrefixStore(f"nongns_attempt_{restart}", agent_store)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     else:
-        dist.init_process_group("gloo")
-    local = os.environ.get("LOCAL_RANK", args.local_rank)  # torchrun / deepspeed's --local_rank
-    if local is None:
-        raise SystemExit("train.py: error: no LOCAL_RANK: start with torchrun or deepspeed")
+        dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size(), int(local)
+
+
+def training_device(args: argparse.Namespace) -> torch.device:
+    """Where this process keeps its model and batches (after ``init_distributed``)."""
+    if args.device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def load_data(args: argparse.Namespace, local_rank: int) -> Corpus:
@@ -544,33 +585,46 @@ def load_data(args: argparse.Namespace, local_rank: int) -> Corpus:
 # -- loss, evaluation, logging ---------------------------------------------------------------------
 
 
-def next_token_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def next_token_loss(model: nn.Module, tokens: torch.Tensor, autocast: bool = False) -> torch.Tensor:
     """Mean cross-entropy of (batch, seq + 1) tokens. Called on the engine's wrapper when
-    training, so that its hooks (and the noise-scale capture in them) run."""
-    logits = model(tokens[:, :-1])
+    training, so that its hooks (and the noise-scale capture in them) run. ``autocast``: the
+    forward in bfloat16 autocast on the tokens' device; the loss is taken in float32."""
+    precision = (
+        torch.autocast(tokens.device.type, dtype=torch.bfloat16)
+        if autocast
+        else contextlib.nullcontext()
+    )
+    with precision:
+        logits = model(tokens[:, :-1])
     return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: torch.Tensor, micro_batch: int) -> float:
-    """Mean loss over fixed validation windows; the ranks split the micro-batches and sum.
+def evaluate(
+    model: nn.Module, windows: torch.Tensor, micro_batch: int, autocast: bool = False
+) -> float:
+    """Mean loss over fixed validation windows (on the training device); the ranks split the
+    micro-batches and sum.
 
     Every rank runs the same number of forwards (a rank short of one repeats a micro-batch and
     leaves it out of the sums): the forwards of FSDP and ZeRO-3 gather parameters collectively."""
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = windows.split(micro_batch)
-    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batch count
+    # loss sum, micro-batch count; on the device, where NCCL reduces it
+    totals = torch.zeros(2, dtype=torch.float64, device=windows.device)
     for i in range(rank, -(-len(batches) // world) * world, world):
-        loss = next_token_loss(model, batches[min(i, len(batches) - 1)]).item()
+        loss = next_token_loss(model, batches[min(i, len(batches) - 1)], autocast)
         if i < len(batches):
-            totals += torch.tensor([loss, 1.0])
+            totals[0] += loss.double()  # float32 -> float64 is exact: as adding loss.item()
+            totals[1] += 1.0
     dist.all_reduce(totals)
     return (totals[0] / totals[1]).item()
 
 
 def global_mean_and_any(value: torch.Tensor, flag: bool) -> tuple[float, bool]:
-    """The mean of ``value`` over ranks and whether any rank raised ``flag``: one all-reduce."""
-    totals = torch.tensor([value.item(), float(flag)], dtype=torch.float64)
+    """The mean of ``value`` (a 0-dim tensor on the training device) over ranks and whether any
+    rank raised ``flag``: one all-reduce, on ``value``'s device, and one host sync."""
+    totals = torch.stack([value.double(), value.new_tensor(float(flag), dtype=torch.float64)])
     dist.all_reduce(totals)
     return totals[0].item() / dist.get_world_size(), bool(totals[1] > 0)
 
@@ -667,6 +721,8 @@ class DDPRuntime:
 
     def __init__(self, args: argparse.Namespace, model: nn.Module) -> None:
         self.model = model
+        self.device = training_device(args)  # the model is already there
+        self.autocast = args.autocast == "bf16"
         self.grad_clip = args.grad_clip
         self.wrapped = self.wrap(args, model)
         # Built after wrapping: FSDP2 swaps the parameters for DTensors, FSDP1 for flat shards.
@@ -679,13 +735,15 @@ class DDPRuntime:
 
     def wrap(self, args: argparse.Namespace, model: nn.Module) -> nn.Module:
         # One process: the plain module, which attach() measures from its micro-steps.
-        return DDP(model) if dist.get_world_size() > 1 else model
+        if dist.get_world_size() == 1:
+            return model
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=self.device)
         for micro, tokens in zip(self.readout.micro_steps(), micro_batches, strict=True):
             with micro:  # no gradient sync on all but the last micro-step
-                loss = next_token_loss(self.wrapped, tokens)
+                loss = next_token_loss(self.wrapped, tokens, self.autocast)
                 (loss / micro.loss_divisor).backward()
             loss_sum += loss.detach()
         if self.grad_clip:
@@ -715,6 +773,8 @@ class DDPRuntime:
 
     def load(self, directory: Path) -> dict[str, Any]:
         """Restore model, optimizer and monitor; returns this rank's saved state."""
+        # On the CPU whatever device wrote it: load_state_dict copies into this run's device
+        # (the optimizer's state follows its parameters), so CUDA and CPU runs resume each other.
         state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
         self.load_full_state(state["model"], state["optimizer"])
         rank_state = load_rank_state(directory)
@@ -730,9 +790,11 @@ class FSDP2Runtime(DDPRuntime):
     cpu_offload = True
 
     def wrap(self, args: argparse.Namespace, model: nn.Module) -> nn.Module:
+        # fully_shard's default mesh is on the accelerator whenever one exists: name the device
+        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         for block in [m for m in model.modules() if isinstance(m, Block)]:
-            fully_shard(block)
-        fully_shard(model)  # in place: the root gathers what the blocks leave out
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # in place: the root gathers what the blocks leave out
         return model
 
     def full_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -772,7 +834,7 @@ class FSDP1Runtime(FSDP2Runtime):
             sharding_strategy=ShardingStrategy[args.fsdp_strategy],
             auto_wrap_policy=ModuleWrapPolicy({Block}),
             use_orig_params=True,
-            device_id=torch.device("cpu"),
+            device_id=self.device,
         )
 
     def clip_gradients(self) -> None:
@@ -786,9 +848,12 @@ class DeepSpeedRuntime:
     micro-steps of a plain engine(x) / backward / step stream and sets the accumulation."""
 
     def __init__(self, args: argparse.Namespace, model: nn.Module) -> None:
-        # This job keeps its model and batches on the CPU (gloo); without this DeepSpeed would
-        # move the model to a GPU when it finds one.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.device = training_device(args)
+        self.autocast = args.autocast == "bf16"
+        # DeepSpeed picks its accelerator once, at its first use: on the CPU (gloo) tell it, or
+        # it would move the model to a GPU when it finds one. On CUDA it finds it itself.
+        if self.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import nongns_dist.deepspeed as nds
 
         self.optimizer = build_optimizer(args, model)  # groups (and lrs) stay shared under ZeRO
@@ -799,9 +864,9 @@ class DeepSpeedRuntime:
         self.eval_model = self.engine  # ZeRO-3 gathers its partitions in the engine's forward
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=self.device)
         for tokens in micro_batches:
-            loss = next_token_loss(self.engine, tokens)
+            loss = next_token_loss(self.engine, tokens, self.autocast)
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation count
             self.engine.step()  # the last one of the step runs the optimizer
             loss_sum += loss.detach()
@@ -863,7 +928,7 @@ def load_checkpoint(runtime: DDPRuntime | DeepSpeedRuntime, checkpoint: Path) ->
         rank_state = runtime.load(checkpoint)
     except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    failed = torch.tensor([float(error is not None)])
+    failed = torch.tensor([float(error is not None)], device=runtime.device)  # NCCL: on the GPU
     dist.all_reduce(failed)
     if failed.item():
         raise SystemExit(
@@ -916,12 +981,15 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
     out = Path(args.out)
     stop = StopRequest()  # SIGTERM: checkpoint at the next step boundary, then leave
     corpus = load_data(args, local_rank)
-    val_windows = validation_windows(corpus.val, args.seq_len, args.eval_batches * args.micro_batch)
+    val_windows = validation_windows(
+        corpus.val, args.seq_len, args.eval_batches * args.micro_batch
+    ).to(training_device(args))
 
     # The same initial weights everywhere: DDP and DeepSpeed broadcast rank 0's, FSDP keeps
     # each rank's shard of its own copy, identical by the seed.
+    # Built on the CPU, then moved: the same weights on every device.
     torch.manual_seed(args.seed)
-    model = Llama(model_config(args, corpus.vocab_size))
+    model = Llama(model_config(args, corpus.vocab_size)).to(training_device(args))
     n_params = sum(p.numel() for p in model.parameters())  # before FSDP or ZeRO-3 shard them
     try:
         runtime: DDPRuntime | DeepSpeedRuntime = RUNTIMES[args.engine](args, model)
@@ -941,7 +1009,9 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
     log = RunLog(out, enabled=rank == 0, resume=resume)
 
     log.say(
-        f"{args.engine}, world size {world}, {n_params / 1e6:.2f}M parameters, {args.optimizer} "
+        f"{args.engine} on {args.device}"
+        + (" (bf16 autocast)" if args.autocast == "bf16" else "")
+        + f", world size {world}, {n_params / 1e6:.2f}M parameters, {args.optimizer} "
         f"lr {args.lr:g}, batch {args.batch_mode} from {args.initial_batch} (max "
         f"{args.max_batch}), budget {args.sample_budget} samples\ndata: {corpus.description}\n"
         f"run directory: {out}"
@@ -971,6 +1041,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
         # the data position is the step: windows are drawn from (seed, rank, step)
         rng = batch_rng(args.seed, rank, step)
         windows = sample_windows(corpus.train, args.seq_len, accumulation * args.micro_batch, rng)
+        windows = windows.to(runtime.device, non_blocking=True)  # from the CPU's generator
         before = monitor.last_estimate
         loss_sum = runtime.train_step(list(windows.split(args.micro_batch)))
         decision = monitor.last_decision
@@ -1001,7 +1072,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
             }
         done = monitor.samples >= args.sample_budget
         if done or (args.eval_every and monitor.step % args.eval_every == 0):
-            val_loss = evaluate(runtime.eval_model, val_windows, args.micro_batch)
+            val_loss = evaluate(runtime.eval_model, val_windows, args.micro_batch, runtime.autocast)
             record["val_loss"] = val_loss
         log.write(record)
         if decision.changed:
