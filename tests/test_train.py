@@ -177,6 +177,44 @@ def test_single_process_fsdp_is_refused_with_a_hint(capsys: pytest.CaptureFixtur
     assert "one process runs with --engine ddp" in capsys.readouterr().err
 
 
+def test_device_flags_resolve_and_refuse_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
+    """--device auto picks CUDA when torch finds it; --device cuda without it is a parser error
+    naming the fix; --autocast bf16 is accepted on either device."""
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert train.parse_args([], world_size=2).device == expected  # the default: auto
+    assert train.parse_args(["--device", "cpu"], world_size=2).device == "cpu"
+    args = train.parse_args(["--device", "cpu", "--autocast", "bf16"], world_size=2)
+    assert (args.device, args.autocast) == ("cpu", "bf16")
+    assert "device" in train.RESUME_MAY_CHANGE and "autocast" not in train.RESUME_MAY_CHANGE
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(["--device", "cuda"], world_size=2)
+        assert exit_info.value.code == 2
+        assert "--device cuda: torch finds no CUDA device" in capsys.readouterr().err
+        assert train.training_device(args) == torch.device("cpu")
+
+
+@pytest.mark.distributed
+def test_bf16_autocast_on_the_cpu_trains_close_to_float32(tmp_path: Path, corpus_dir: Path) -> None:
+    """One process, --device cpu: the bf16-autocast run trains to the float32 run's loss (the
+    forward differs in its last bits, so the losses are not equal), and the run notes it."""
+    flags = [*TINY, "--sample-budget", "96", "--corpus-dir", str(corpus_dir), "--device", "cpu"]
+    runs = {}
+    for mode in ("none", "bf16"):
+        out = tmp_path / mode
+        result = _run(
+            [*TORCHRUN, "1", str(TRAIN), *flags, "--autocast", mode, "--out", str(out)],
+            cwd=tmp_path,
+        )
+        runs[mode] = json.loads((out / "summary.json").read_text()), _records(out)
+        assert ("(bf16 autocast)" in result.stdout) == (mode == "bf16")
+    (fp32, _), (bf16, bf16_records) = runs["none"], runs["bf16"]
+    assert bf16["args"]["autocast"] == "bf16" and bf16["args"]["device"] == "cpu"
+    assert bf16["final_val_loss"] == pytest.approx(fp32["final_val_loss"], rel=0.02)
+    assert bf16["final_val_loss"] != fp32["final_val_loss"]
+    assert any("gns_raw" in r for r in bf16_records)  # measured from bf16-forward gradients
+
+
 def test_deepspeed_config_flags_are_checked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
