@@ -1,0 +1,175 @@
+"""Tolerances for "the distributed estimate equals ``estimate_gns``", derived from the float32
+error of what the capture computes, instead of a constant tuned on one CPU.
+
+The captured local gradients equal the reference's bit for bit (the same float32 kernels on the
+same inputs); what differs is arithmetic. The reference works in float64 from the gathered
+samples. The session works in float32 where it follows the paper's scheme (u = 2^-24 below):
+
+* coordinates (l1, l2): squares g_s^2, their reduce-scatter sum Q, the reduced mean g, then
+  sigma^2 = b/(n-1) (Q - n g^2). Q and n g^2 carry relative errors of a few u, and the
+  subtraction cancels wherever the samples agree: the error of sigma_i^2 is bounded by
+  b/(n-1) (6n + 4) u Q_i (squares: u; the sum of n: (n-1) u; n g^2 from the rounded mean:
+  (2n + 3) u Q_i, using |g| sum_s |g_s| <= Q and n g^2 <= Q; the subtraction: u Q_i), however
+  small sigma_i^2 itself is. Each sqrt then moves by at most min(sqrt(d), d / sqrt(s)) for an
+  error d of a variance s; sums of N terms add (log2 N + 2) u.
+* matrices (nuclear): centred float64 Grams of deviations from the float32-rounded mean G'; the
+  rounding D = G' - G (|D| <= u sum_s |G_s| elementwise) adds the PSD term b n/(n-1) D D^T to C,
+  which moves tr C^{1/2} by at most tr (b n/(n-1) D D^T)^{1/2} <= sqrt(b n m/(n-1)) ||D||_F
+  (m rows; Rotfel'd's trace inequality, then Cauchy-Schwarz), and ||G||_* by at most
+  sqrt(m) ||D||_F; the float64 eigensolver adds 1e-12 relative.
+* pooled moments: EMAs of those per-coordinate variances (float32) and matrices (float64); the
+  error bounds are pooled with the same weights (a second ``MomentPool``), plus 3 u per update
+  for the float32 EMA of an l1 moment; the l1 and nuclear parts are bounded apart (the l1 part
+  carries c4 of the pool's degrees of freedom) and the pooled noise gets the larger.
+
+Layers then add before squaring (l1, nuclear) or add squared (l2). The bounds are first order
+in u, a factor 2 is kept on top for the second-order terms and the rounding of the final sums.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from nongns_dist.estimators import MomentPool
+from nongns_dist.norms import as_matrix
+
+U32 = 2.0**-24  # unit roundoff of float32
+SAFETY = 2.0  # second-order terms and the rounding of the final sums
+
+
+@dataclass
+class Tolerance:
+    """Relative tolerances of one measurement: totals, pooled noise and each layer's."""
+
+    noise: float
+    signal: float
+    pooled_noise: float
+    layers: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (noise, signal)
+
+
+def _squared(rel_root: float) -> float:
+    """Relative error of x^2 from a relative error of x."""
+    return (1.0 + rel_root) ** 2 - 1.0
+
+
+def _sqrt_sum_error(variance: torch.Tensor, error: torch.Tensor) -> float:
+    """Bound on |sum_i sqrt(v_i + d_i) - sum_i sqrt(v_i)| for |d_i| <= error_i (v_i + d_i
+    clamped at 0, as the estimators do)."""
+    root = variance.clamp_min(0).sqrt()
+    tight = torch.where(root > 0, error / root.clamp_min(1e-300), torch.inf)
+    return float(torch.minimum(error.sqrt(), tight).sum())
+
+
+class Float32Bound:
+    """Derives the tolerance of each measurement of a run; ``step`` once per measurement,
+    after ``estimate_gns`` updated the reference ``pool`` (when there is one)."""
+
+    def __init__(self, target_dof: float | None = None) -> None:
+        self.errors = MomentPool(target_dof=target_dof) if target_dof is not None else None
+        self.measurements = 0
+
+    def step(
+        self,
+        samples: Sequence[Mapping[str, torch.Tensor]],
+        sample_size: int,
+        norms: Mapping[str, str | None],
+        pool: MomentPool | None = None,
+    ) -> Tolerance:
+        n, b = len(samples), sample_size
+        self.measurements += 1
+        layers: dict[str, tuple[float, float]] = {}
+        root_err = root_total = 0.0  # l1 / nuclear: sums of dual norms, before squaring
+        sq_err = sq_total = 0.0  # l2: sums of squared terms
+        signal_root_err = signal_root = 0.0
+        signal_sq_err = signal_sq = 0.0
+        # pooled parts per kind: every entry is updated with the same weights, so the stored
+        # (not bias-corrected) EMAs of all layers share one scale and can be summed
+        pooled_err = {"l1": 0.0, "nuclear": 0.0}
+        pooled_root = {"l1": 0.0, "nuclear": 0.0}
+        for name, norm in norms.items():
+            if norm is None:
+                continue
+            stack = torch.stack([s[name].double() for s in samples])  # (n, *shape)
+            if norm == "nuclear":
+                if stack[0].dim() < 2:
+                    continue
+                mats = torch.stack([as_matrix(g) for g in stack])
+                mean = mats.mean(0)
+                rows = mean.shape[0]
+                dev = mats - mean
+                cov = b / (n - 1) * torch.einsum("sij,skj->ik", dev, dev)
+                trace = float(torch.linalg.eigvalsh(cov).clamp_min(0).sqrt().sum())
+                nuclear = float(torch.linalg.svdvals(mean).sum())
+                rounding = U32 * float(mats.abs().sum(0).norm())  # ||D||_F
+                noise_e = math.sqrt(b * n * rows / (n - 1)) * rounding + 1e-12 * trace
+                signal_e = math.sqrt(rows) * rounding + 1e-12 * nuclear
+                layers[name] = (_squared(noise_e / trace) if trace else 0.0,
+                                _squared(signal_e / nuclear) if nuclear else 0.0)  # fmt: skip
+                root_err, root_total = root_err + noise_e, root_total + trace
+                signal_root_err, signal_root = signal_root_err + signal_e, signal_root + nuclear
+                if pool is not None and self.errors is not None:
+                    e_trace = b * n / (n - 1) * rounding**2  # tr of the perturbation
+                    # stored EMAs (not bias-corrected) of the same weights: comparable
+                    self.errors.update(name, torch.tensor([e_trace], dtype=torch.float64), n - 1)
+                    pooled_e = float(self.errors.value(name))
+                    pooled_cov = pool.value(name).double()  # the reference pools C whole
+                    t = float(torch.linalg.eigvalsh(pooled_cov).clamp_min(0).sqrt().sum())
+                    pooled_err["nuclear"] += math.sqrt(rows * pooled_e) + 1e-12 * t
+                    pooled_root["nuclear"] += t
+                continue
+            flat = stack.reshape(n, -1)
+            count = flat.shape[1]
+            g = flat.mean(0)
+            squares = flat.square().sum(0)
+            variance = b / (n - 1) * (flat - g).square().sum(0)
+            var_err = b / (n - 1) * (6 * n + 4) * U32 * squares
+            sum_u = (math.log2(max(count, 1)) + 2) * U32
+            g_err = U32 * flat.abs().sum(0)  # the reduced mean's rounding
+            if norm == "l2":
+                noise = float(variance.sum())
+                noise_e = float(var_err.sum()) + sum_u * noise
+                signal = float(g.square().sum())
+                signal_e = float((2 * g.abs() * g_err + g_err.square()).sum()) + sum_u * signal
+                layers[name] = (noise_e / noise if noise else 0.0,
+                                signal_e / signal if signal else 0.0)  # fmt: skip
+                sq_err, sq_total = sq_err + noise_e, sq_total + noise
+                signal_sq_err, signal_sq = signal_sq_err + signal_e, signal_sq + signal
+                continue
+            root = float(variance.clamp_min(0).sqrt().sum())
+            noise_e = _sqrt_sum_error(variance, var_err) + sum_u * root
+            l1 = float(g.abs().sum())
+            signal_e = float(g_err.sum()) + sum_u * l1
+            layers[name] = (_squared(noise_e / root) if root else 0.0,
+                            _squared(signal_e / l1) if l1 else 0.0)  # fmt: skip
+            root_err, root_total = root_err + noise_e, root_total + root
+            signal_root_err, signal_root = signal_root_err + signal_e, signal_root + l1
+            if pool is not None and self.errors is not None:
+                self.errors.update(name, var_err, n - 1)
+                # stored EMAs (not bias-corrected) of the same weights: comparable
+                stored_err = self.errors.value(name)
+                stored = pool.value(name).double().reshape(-1)
+                stored_err = stored_err + 3 * self.measurements * U32 * stored.abs()
+                s_root = float(stored.clamp_min(0).sqrt().sum())
+                pooled_err["l1"] += _sqrt_sum_error(stored, stored_err) + sum_u * s_root
+                pooled_root["l1"] += s_root
+        if sq_total:  # l2
+            noise_rel = sq_err / sq_total
+            signal_rel = signal_sq_err / signal_sq if signal_sq else 0.0
+        else:
+            noise_rel = _squared(root_err / root_total) if root_total else 0.0
+            signal_rel = _squared(signal_root_err / signal_root) if signal_root else 0.0
+        # l1's part is divided by c4 of the pool's dof, nuclear's is not: bound each kind apart
+        pooled_rel = max(
+            (pooled_err[k] / pooled_root[k] for k in pooled_root if pooled_root[k] > 0),
+            default=0.0,
+        )
+        return Tolerance(
+            noise=SAFETY * noise_rel,
+            signal=SAFETY * signal_rel,
+            pooled_noise=SAFETY * _squared(pooled_rel),
+            layers={k: (SAFETY * a, SAFETY * s) for k, (a, s) in layers.items()},
+        )
