@@ -14,10 +14,15 @@ a boundary (``set_train_batch_size`` then keeps DeepSpeed's loss division and sa
 fp16: statistics are divided by the loss scale the window's backward passes ran with, and a step
 whose update DeepSpeed skipped (overflow: ``engine.was_step_applied()`` is False) is closed as
 skipped: its samples counted, not measured, the next window as decided.
+
+``engine.load_checkpoint`` first opens the checkpoint's files with ``weights_only=True``
+(``nongns_dist.deepspeed.check_checkpoint``): DeepSpeed's own load unpickles them without
+restriction, so a crafted file would run code.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -31,6 +36,7 @@ from nongns_dist.capture.plan import MeasurementPlan
 from nongns_dist.capture.session import MeasurementSession
 from nongns_dist.config import GNSConfig
 from nongns_dist.controller import BatchSizeController
+from nongns_dist.deepspeed import check_checkpoint
 from nongns_dist.engines.core import Event, StepCore
 from nongns_dist.optim.lr import LRMultiplier
 
@@ -139,7 +145,16 @@ class DeepSpeedGNSPlugin(StepCore):
                 torch.save(pool, self._pool_file(os.path.join(save_dir, str(tag))))
             return result
 
+        load_signature = inspect.signature(load)
+
         def wrapped_load(*args: Any, **kwargs: Any) -> Any:
+            # DeepSpeed unpickles the files without restriction: open them safely first
+            given = load_signature.bind(*args, **kwargs).arguments
+            check_checkpoint(
+                given["load_dir"],
+                given.get("tag"),
+                universal=bool(engine.load_universal_checkpoint()),
+            )
             path, client_state = load(*args, **kwargs)
             if client_state and "nongns" in client_state:
                 self.load_state_dict(client_state.pop("nongns"))
