@@ -22,6 +22,10 @@ samples. The session works in float32 where it follows the paper's scheme (u = 2
   for the float32 EMA of an l1 moment; the l1 and nuclear parts are bounded apart (the l1 part
   carries c4 of the pool's degrees of freedom) and the pooled noise gets the larger.
 
+With ``unit`` = 2^-11 the same bound covers samples that are fp16 gradients compared with a
+float64 recompute: each fp16 element carries a few units of rounding, a perturbation of g_s
+that moves sigma_i^2 by at most about 2 k u Q_i for k units, inside the (6n + 4) u Q_i term.
+
 Layers then add before squaring (l1, nuclear) or add squared (l2). The bounds are first order
 in u, a factor 2 is kept on top for the second-order terms and the rounding of the final sums.
 """
@@ -68,7 +72,9 @@ class Float32Bound:
     """Derives the tolerance of each measurement of a run; ``step`` once per measurement,
     after ``estimate_gns`` updated the reference ``pool`` (when there is one)."""
 
-    def __init__(self, target_dof: float | None = None) -> None:
+    def __init__(self, target_dof: float | None = None, *, unit: float = U32) -> None:
+        #: unit roundoff of the arithmetic (and of the samples, where they were rounded)
+        self.unit = unit
         self.errors = MomentPool(target_dof=target_dof) if target_dof is not None else None
         self.measurements = 0
 
@@ -104,7 +110,7 @@ class Float32Bound:
                 cov = b / (n - 1) * torch.einsum("sij,skj->ik", dev, dev)
                 trace = float(torch.linalg.eigvalsh(cov).clamp_min(0).sqrt().sum())
                 nuclear = float(torch.linalg.svdvals(mean).sum())
-                rounding = U32 * float(mats.abs().sum(0).norm())  # ||D||_F
+                rounding = self.unit * float(mats.abs().sum(0).norm())  # ||D||_F
                 noise_e = math.sqrt(b * n * rows / (n - 1)) * rounding + 1e-12 * trace
                 signal_e = math.sqrt(rows) * rounding + 1e-12 * nuclear
                 layers[name] = (_squared(noise_e / trace) if trace else 0.0,
@@ -126,9 +132,9 @@ class Float32Bound:
             g = flat.mean(0)
             squares = flat.square().sum(0)
             variance = b / (n - 1) * (flat - g).square().sum(0)
-            var_err = b / (n - 1) * (6 * n + 4) * U32 * squares
-            sum_u = (math.log2(max(count, 1)) + 2) * U32
-            g_err = U32 * flat.abs().sum(0)  # the reduced mean's rounding
+            var_err = b / (n - 1) * (6 * n + 4) * self.unit * squares
+            sum_u = (math.log2(max(count, 1)) + 2) * self.unit
+            g_err = self.unit * flat.abs().sum(0)  # the reduced mean's rounding
             if norm == "l2":
                 noise = float(variance.sum())
                 noise_e = float(var_err.sum()) + sum_u * noise
@@ -152,7 +158,7 @@ class Float32Bound:
                 # stored EMAs (not bias-corrected) of the same weights: comparable
                 stored_err = self.errors.value(name)
                 stored = pool.value(name).double().reshape(-1)
-                stored_err = stored_err + 3 * self.measurements * U32 * stored.abs()
+                stored_err = stored_err + 3 * self.measurements * self.unit * stored.abs()
                 s_root = float(stored.clamp_min(0).sqrt().sum())
                 pooled_err["l1"] += _sqrt_sum_error(stored, stored_err) + sum_u * s_root
                 pooled_root["l1"] += s_root
