@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import pickle
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ from tqdm import tqdm
 # Run as a script (torchrun launch/train.py), Python puts launch/ on sys.path, not the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from launch import checkpoints
-from launch.checkpoints import CheckpointError
+from launch.checkpoints import BrokenCheckpoint, CheckpointError, SaveError
 from launch.data import (
     BYTE_VOCAB_SIZE,
     Corpus,
@@ -310,6 +312,9 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
         parser.error("--zero-stage and --ds-config need --engine deepspeed")
     if args.engine != "fsdp1" and args.fsdp_strategy is not None:
         parser.error("--fsdp-strategy needs --engine fsdp1 (fsdp2 always shards fully)")
+    idle = idle_flags(args, given_flags(argv))
+    if idle:
+        parser.error("; ".join(idle) + ": drop " + ("it" if len(idle) == 1 else "them"))
     if args.engine == "fsdp1" and args.fsdp_strategy is None:
         args.fsdp_strategy = "FULL_SHARD"
     try:
@@ -354,6 +359,49 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     return args
 
 
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags the command line names, whatever their values (one given
+    at its default value included): the parser again with every default suppressed."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def idle_flags(args: argparse.Namespace, given: set[str]) -> list[str]:
+    """What the flags in ``given`` that would do nothing in this run need, one message each:
+    a flag that is silently ignored hides a mistake (a Muon setting on an AdamW run, a corpus
+    size for a file). --fsdp-strategy, --zero-stage and --ds-config are checked above them."""
+    idle = []
+    for flag in ("aux_lr", "ns_dtype"):
+        if flag in given and args.optimizer not in MATRIX_OPTIMIZERS:
+            idle.append(
+                f"--{flag.replace('_', '-')} applies to --optimizer muon or specsgd only (their "
+                f"non-matrix parameters, their Newton-Schulz), not {args.optimizer}"
+            )
+    euclidean = args.norm == "l2" or (args.norm == "auto" and args.optimizer == "sgd")
+    if "estimator" in given and euclidean:
+        norm = "--norm l2" if args.norm == "l2" else "--norm auto with --optimizer sgd (l2)"
+        idle.append(
+            f"--estimator chooses how l1 and nuclear noise is pooled and bias-corrected; {norm} "
+            "is linear in the moments, never pooled and has no c4: both estimators are the same"
+        )
+    if args.data != "stdlib":
+        idle += [
+            f"--{flag.replace('_', '-')} applies to --data stdlib only, not --data {args.data}"
+            for flag in ("corpus_mb", "corpus_dir")
+            if flag in given
+        ]
+    if "val_fraction" in given and (args.data == "stdlib" or args.val_bin is not None):
+        held_out = (
+            "the stdlib corpus holds out whole files of its own"
+            if args.data == "stdlib"
+            else "--val-bin is the validation set"
+        )
+        idle.append(f"--val-fraction splits the tail of a --data file; {held_out}")
+    return idle
+
+
 #: What a resumed run may change (the ranks change outside the flags; a checkpoint holds CPU
 #: tensors, so a CUDA run resumes on the CPU and back); every other flag must be the
 #: checkpoint's (one saved before a flag existed has its default).
@@ -365,19 +413,70 @@ RESUME_MAY_CHANGE = frozenset({
 
 def resume_point(args: argparse.Namespace, world: int) -> None:
     """Find the checkpoint --resume names and the batch the run starts with: sets
-    ``args.resume_from`` (a checkpoint directory or None) and ``args.start_batch``."""
+    ``args.resume_from`` (a checkpoint directory or None) and ``args.start_batch``.
+
+    ``--resume auto`` takes the newest checkpoint of --out whose trainer.json is whole, skipping
+    broken ones with a warning (``load_resume`` goes further back when its files do not load);
+    flags that contradict it stop the job. ``--resume PATH`` is that checkpoint or an error.
+
+    Where the run goes: its own run directory continues it (steps after the checkpoint are
+    replaced, README: Long runs). Another --out must hold nothing of a run: resuming into a new
+    or empty --out forks the checkpoint's run, whose metrics.jsonl then starts with that run's
+    records up to the checkpoint's step, and nothing else of either directory is touched. An
+    --out holding another run's outputs (metrics.jsonl, summary.json, tensorboard/,
+    checkpoints/) is refused before anything is written: the resumed run would replace its
+    metrics.jsonl and summary.json and delete its checkpoints."""
     args.resume_from, args.start_batch = None, args.initial_batch
+    out = Path(args.out)
     if args.resume is None:
-        saved = checkpoints.complete_checkpoints(Path(args.out) / "checkpoints")
+        saved = checkpoints.complete_checkpoints(out / "checkpoints")
         if saved:
             raise CheckpointError(
                 f"--out {args.out} holds checkpoints of an earlier run (latest: {saved[-1].name}): "
                 "continue it with --resume auto, or start this one in another --out"
             )
         return
-    checkpoint = checkpoints.resolve(args.resume, Path(args.out))
-    if checkpoint is None:
-        return  # --resume auto, nothing saved yet: a fresh start
+    if args.resume == "auto":
+        found = checkpoints.complete_checkpoints(out / "checkpoints")
+        usable = next(usable_checkpoints(args, world), None)
+        if usable is None:
+            if found:
+                raise CheckpointError(
+                    f"--resume auto: none of the {len(found)} checkpoint(s) in {out}/checkpoints "
+                    "is usable (see the warnings above); remove them to start afresh"
+                )
+            return  # nothing saved yet: a fresh start
+        checkpoint, args.start_batch = usable
+    else:
+        given = checkpoints.resolve(args.resume, out)
+        assert given is not None  # only "auto" resolves to nothing
+        args.start_batch = check_checkpoint(args, world, given)
+        check_resume_out(out, given)
+        checkpoint = given
+    args.resume_from = str(checkpoint)
+
+
+def usable_checkpoints(
+    args: argparse.Namespace, world: int, below: Path | None = None
+) -> Iterator[tuple[Path, int]]:
+    """--resume auto: the checkpoints of --out (older than ``below`` when given), newest first,
+    with the batch each would start with; broken ones are skipped with a warning saying why,
+    one that contradicts the flags raises its ``CheckpointError``."""
+    for checkpoint in reversed(checkpoints.complete_checkpoints(Path(args.out) / "checkpoints")):
+        if below is not None and checkpoint.name >= below.name:
+            continue
+        try:
+            start_batch = check_checkpoint(args, world, checkpoint)
+        except BrokenCheckpoint as exc:
+            warn(f"--resume auto: skipped {checkpoint}: {exc}")
+            continue
+        yield checkpoint, start_batch
+
+
+def check_checkpoint(args: argparse.Namespace, world: int, checkpoint: Path) -> int:
+    """The batch a run with ``args`` on ``world`` ranks starts with from ``checkpoint``; a
+    ``CheckpointError`` when its trainer.json is broken (``BrokenCheckpoint``) or it cannot be
+    resumed with these flags or ranks."""
     meta = checkpoints.read_meta(checkpoint)
     saved, parser = meta["args"], build_parser()
     differ = [
@@ -399,12 +498,34 @@ def resume_point(args: argparse.Namespace, world: int) -> None:
     unit = args.micro_batch * world
     if unit != meta["micro_batch"] * meta["world_size"]:
         # the controller's own rule (BatchSizeController.load_state_dict converts the same way)
-        args.start_batch = resume_batch_size(
-            meta["batch_size"], unit=unit, maximum=args.max_batch or None
-        )
-    else:
-        args.start_batch = meta["batch_size"]
-    args.resume_from = str(checkpoint)
+        return resume_batch_size(meta["batch_size"], unit=unit, maximum=args.max_batch or None)
+    return int(meta["batch_size"])
+
+
+def check_resume_out(out: Path, checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` into ``out`` when ``out`` is not its run directory and
+    holds another run's outputs (``resume_point`` says why; a new or empty ``out`` is a fork)."""
+    run = checkpoints.run_directory(checkpoint)
+    if run is not None and out.resolve() == run:
+        return  # the checkpoint's own run continues
+    held = checkpoints.run_outputs(out)
+    if not held:
+        return  # a fork into a new or empty directory
+    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+    raise CheckpointError(
+        f"--out {out} holds another run's outputs ({shown}), and --resume {checkpoint} is "
+        f"of {'run ' + str(run) if run else 'no run directory'}: resuming there would replace "
+        f"its metrics.jsonl and summary.json and delete its checkpoints. Continue the run in "
+        f"{out} with --resume {out} (or --resume auto), fork {checkpoint} into a new or empty "
+        "--out, or move that run's outputs away first"
+    )
+
+
+def warn(message: str) -> None:
+    """A warning on stderr from the first rank (the others find the same); before the process
+    group exists too (torchrun and DeepSpeed's launcher export RANK)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
 
 
 def gns_config(args: argparse.Namespace) -> GNSConfig:
@@ -668,9 +789,12 @@ class RunLog:
         out.mkdir(parents=True, exist_ok=True)
         kept: list[str] = []
         if resume is not None:
-            (out / "summary.json").unlink(missing_ok=True)  # of a run this one replaces
+            # of this run's later steps (another --out is new or empty: resume_point)
+            (out / "summary.json").unlink(missing_ok=True)
             step = checkpoints.read_meta(resume)["step"]
-            kept = records_until(resume.parent.parent / "metrics.jsonl", step)
+            # a checkpoint kept outside a run directory brings no records
+            run = checkpoints.run_directory(resume)
+            kept = records_until(run / "metrics.jsonl", step) if run is not None else []
             for line in kept:
                 record = json.loads(line)
                 self.batch(record["step"] - 1, record["batch_size"])
@@ -767,9 +891,9 @@ class DDPRuntime:
         """Collective (FSDP gathers): rank 0 writes model.pt, every rank its rank file."""
         model, optimizer = self.full_state()
         if dist.get_rank() == 0:
-            torch.save({"model": model, "optimizer": optimizer}, directory / "model.pt")
+            checkpoints.save_torch({"model": model, "optimizer": optimizer}, directory / "model.pt")
         rank_state = {**rank_state, "monitor": self.readout.state_dict()}  # with its pool
-        torch.save(rank_state, rank_file(directory, dist.get_rank()))
+        checkpoints.save_torch(rank_state, rank_file(directory, dist.get_rank()))
 
     def load(self, directory: Path) -> dict[str, Any]:
         """Restore model, optimizer and monitor; returns this rank's saved state."""
@@ -875,10 +999,37 @@ class DeepSpeedRuntime:
     def save(self, directory: Path, rank_state: dict[str, Any]) -> None:
         # The checkpoint directory is DeepSpeed's tag; the plugin adds its state to the
         # client_state and writes each rank's pooled moments beside DeepSpeed's files.
-        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
-        torch.save(rank_state, rank_file(directory, dist.get_rank()))
+        # A write that fails inside save_checkpoint would leave this rank before DeepSpeed's
+        # closing barrier while the others wait in it (a hang, seen on a full tmpfs): its
+        # checkpoint engine's writes note their errors instead, raised after the barrier.
+        engine, failures = self.engine.checkpoint_engine, []
+        write = engine.save
+
+        def noting_save(state_dict: Any, path: str) -> None:
+            try:
+                write(state_dict, path)
+            except Exception as exc:
+                # kept as text: the exception's frames hold torch's writer and its open file,
+                # whose space a full disk needs back
+                failures.append(f"writing {path}: {type(exc).__name__}: {exc}")
+
+        engine.save = noting_save
+        try:
+            self.engine.save_checkpoint(
+                str(directory.parent), tag=directory.name, save_latest=False
+            )
+        finally:
+            engine.save = write
+        if failures:
+            raise RuntimeError(failures[0])
+        checkpoints.save_torch(rank_state, rank_file(directory, dist.get_rank()))
 
     def load(self, directory: Path) -> dict[str, Any]:
+        import nongns_dist.deepspeed as nds
+
+        # DeepSpeed unpickles its files with weights_only=False: open them safely first (the
+        # plugin's load checks too; this also covers an engine without it)
+        nds.check_checkpoint(directory.parent, tag=directory.name)
         path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
         if path is None:
             raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint to load there")
@@ -903,10 +1054,9 @@ class StopRequest:
 
 def save_checkpoint(runtime: DDPRuntime | DeepSpeedRuntime, args: argparse.Namespace,
                     world: int) -> Path:  # fmt: skip
-    """Collective: the checkpoint of the step just closed, committed atomically."""
+    """Collective: the checkpoint of the step just closed, committed atomically; a failed write
+    on any rank (a full disk) stops every rank with an error naming the directory."""
     monitor = runtime.readout
-    partial = checkpoints.begin(Path(args.out) / "checkpoints", monitor.step)
-    runtime.save(partial, {"rng": torch.get_rng_state()})
     meta = {
         "step": monitor.step,
         "samples": monitor.samples,
@@ -916,33 +1066,67 @@ def save_checkpoint(runtime: DDPRuntime | DeepSpeedRuntime, args: argparse.Names
         "zero_stage": getattr(runtime, "zero_stage", None),
         "args": vars(args),
     }
-    return checkpoints.commit(partial, meta, args.keep_checkpoints)
+    rank_state = {"rng": torch.get_rng_state()}
+    try:
+        return checkpoints.save(
+            Path(args.out) / "checkpoints",
+            monitor.step,
+            lambda partial: runtime.save(partial, rank_state),
+            meta,
+            args.keep_checkpoints,
+            runtime.device,  # NCCL reduces on the GPU
+        )
+    except SaveError as exc:
+        raise SystemExit(f"train.py: error: {exc}") from exc
 
 
-def load_checkpoint(runtime: DDPRuntime | DeepSpeedRuntime, checkpoint: Path) -> None:
-    """Load every part of ``checkpoint``; a failure on any rank stops every rank with an error
-    (they agree in one all-reduce first, so none goes on to write outputs)."""
+def load_checkpoint(runtime: DDPRuntime | DeepSpeedRuntime, checkpoint: Path) -> str | None:
+    """Load every part of ``checkpoint``: None when it loaded on every rank, else why not. The
+    same answer on every rank (they agree in one all-reduce), so that none goes on alone."""
     meta = checkpoints.read_meta(checkpoint)
-    error, rank_state = None, {}
+    error, rng = None, None
     try:
         rank_state = runtime.load(checkpoint)
+        rng = rank_state["rng"]
+        monitor = runtime.readout
+        if (monitor.step, monitor.samples) != (meta["step"], meta["samples"]):
+            raise ValueError(
+                f"it holds no nongns state for step {meta['step']} (loaded: step "
+                f"{monitor.step}, {monitor.samples} samples)"
+            )
     except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     failed = torch.tensor([float(error is not None)], device=runtime.device)  # NCCL: on the GPU
     dist.all_reduce(failed)
     if failed.item():
-        raise SystemExit(
-            f"train.py: error: cannot load checkpoint {checkpoint} (truncated, or not this "
-            f"run's?): {error or f'{int(failed.item())} other rank(s) failed, see their errors'}"
-        )
-    monitor = runtime.readout
-    if (monitor.step, monitor.samples) != (meta["step"], meta["samples"]):
-        raise SystemExit(
-            f"train.py: error: checkpoint {checkpoint} holds no nongns state for step "
-            f"{meta['step']} (loaded: step {monitor.step}, {monitor.samples} samples)"
-        )
+        return error or f"{int(failed.item())} other rank(s) failed, see their errors"
     if dist.get_rank() < meta["world_size"]:
-        torch.set_rng_state(rank_state["rng"])
+        assert rng is not None  # read before the all-reduce, which found no failure
+        torch.set_rng_state(rng)
+    return None
+
+
+def load_resume(runtime: DDPRuntime | DeepSpeedRuntime, args: argparse.Namespace,
+                world: int) -> Path:  # fmt: skip
+    """Load the checkpoint ``resume_point`` chose and return the one loaded. ``--resume auto``
+    goes back to the next older checkpoint while one does not load (a truncated file, say),
+    with a warning naming it and why; an explicit ``--resume PATH`` that does not load, or no
+    checkpoint that loads, stops every rank with an error (before anything is written)."""
+    first = Path(args.resume_from)
+    failures = []
+    try:
+        older = usable_checkpoints(args, world, below=first) if args.resume == "auto" else None
+        for checkpoint in itertools.chain([first], (c for c, _ in older or ())):
+            error = load_checkpoint(runtime, checkpoint)
+            if error is None:
+                return checkpoint
+            failures.append(f"cannot load checkpoint {checkpoint} (truncated, or not this run's?): "
+                            f"{error}")  # fmt: skip
+            if older is not None:
+                warn(f"--resume auto: skipped {checkpoint}: it does not load ({error})")
+    except CheckpointError as exc:  # an older checkpoint that contradicts the flags
+        failures.append(str(exc))
+    raise SystemExit("train.py: error: " + "\ntrain.py: error: ".join(failures))
 
 
 def rank_file(directory: Path, rank: int) -> Path:
@@ -1001,7 +1185,9 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # Muon's groups differ
     resume = Path(args.resume_from) if args.resume_from else None
     if resume is not None:
-        load_checkpoint(runtime, resume)  # before the log: a bad checkpoint overwrites nothing
+        # before the log: a bad checkpoint overwrites nothing
+        resume = load_resume(runtime, args, world)
+        args.resume_from = str(resume)  # the one loaded: summary.json and later trainer.json
         if monitor.samples >= args.sample_budget:
             if rank == 0:
                 print(f"{resume}: the run is complete ({monitor.samples} samples)", flush=True)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,17 +63,25 @@ def _assert_each_sample_once(records: list[dict]) -> None:
         assert r["samples"] == total, r["step"]
 
 
+class _ReferenceRuns(dict[str, Path]):
+    """engine -> the uninterrupted run's directory, run when a test first asks for it (a test
+    of one engine does not wait for the others; DeepSpeed's tests request deepspeed_ops)."""
+
+    def __init__(self, factory: pytest.TempPathFactory, corpus_dir: Path) -> None:
+        super().__init__()
+        self.factory, self.corpus_dir = factory, corpus_dir
+
+    def __missing__(self, engine: str) -> Path:
+        out = self.factory.mktemp("reference") / engine
+        _torchrun(2, _flags(self.corpus_dir, *EVERY, "--engine", engine), out)
+        self[engine] = out
+        return out
+
+
 @pytest.fixture(scope="module")
-def reference_runs(
-    tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, deepspeed_ops: None
-) -> dict[str, Path]:
+def reference_runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> dict[str, Path]:
     """The uninterrupted runs (DDP, FSDP2, DeepSpeed stage 0), a checkpoint every 5 steps."""
-    runs = {}
-    for engine in ("ddp", "fsdp2", "deepspeed"):
-        out = tmp_path_factory.mktemp("reference") / engine
-        _torchrun(2, _flags(corpus_dir, *EVERY, "--engine", engine), out)
-        runs[engine] = out
-    return runs
+    return _ReferenceRuns(tmp_path_factory, corpus_dir)
 
 
 @pytest.mark.distributed
@@ -359,3 +370,218 @@ def test_a_truncated_checkpoint_is_a_clean_error_and_overwrites_nothing(
     assert result.returncode != 0
     assert f"cannot load checkpoint {checkpoint}" in result.stdout + result.stderr
     assert (out / "metrics.jsonl").read_text() == "kept as it is\n"
+
+
+# -- another run's --out, broken checkpoints under --resume auto, a full disk ---------------------
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory``, by relative path."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _torchrun_fails(
+    ranks: int, flags: list[str], out: Path, preexec_fn: Callable[[], None] | None = None
+) -> str:
+    """The job launched as ``_torchrun`` does it, expected to fail (not to hang: after 120 s
+    torchrun and its workers are killed): its stdout and stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [*TORCHRUN, str(ranks), str(TRAIN), *flags, "--out", str(out)]
+    process = subprocess.Popen(
+        command,
+        cwd=out.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=preexec_fn,
+        start_new_session=True,  # its own process group: the workers go with it
+    )
+    try:
+        text, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        text, _ = process.communicate()
+        pytest.fail("the job hung:\n" + text[-5000:])
+    assert process.returncode != 0, text[-3000:]
+    return text
+
+
+@pytest.mark.distributed
+def test_resume_into_another_runs_out_is_refused_and_into_an_empty_one_forks(
+    tmp_path: Path, corpus_dir: Path, reference_runs: dict[str, Path]
+) -> None:
+    """--resume A's checkpoint --out B: B holding another run's outputs is refused before
+    anything is written (B used to get A's metrics.jsonl, lose its checkpoints after the step
+    and its summary.json); into an empty B it is a fork: A's records up to the step, then the
+    fork's, equal to the uninterrupted run, and A left as it was."""
+    source = reference_runs["ddp"]
+    other = tmp_path / "other"  # another run, finished: metrics, checkpoints, summary
+    _torchrun(2, _flags(corpus_dir, "--seed", "1", "--sample-budget", "40"), other)
+    other_files = _snapshot(other)
+    for resume in (_step_dir(source, 10), source):  # a checkpoint; a run directory (its latest)
+        said = _torchrun_fails(2, _flags(corpus_dir, "--resume", str(resume)), other)
+        assert f"--out {other} holds another run's outputs (metrics.jsonl, summary.json, " in said
+        assert "fork" in said and f"--resume {other}" in said  # the two ways on
+        assert _snapshot(other) == other_files
+
+    fork = tmp_path / "fork"
+    fork.mkdir()  # empty
+    source_files = _snapshot(source)
+    result = _torchrun(2, _flags(corpus_dir, "--resume", str(_step_dir(source, 25))), fork)
+    assert f"resumed from {_step_dir(source, 25)} at step 25" in result.stdout
+    _assert_same_records(_records(fork), _records(source))
+    assert json.loads((fork / "summary.json").read_text())["resumed_from"] == str(
+        _step_dir(source, 25)
+    )
+    assert _snapshot(source) == source_files
+
+
+@pytest.mark.distributed
+def test_resume_auto_falls_back_to_the_newest_checkpoint_that_loads(
+    tmp_path: Path, corpus_dir: Path, reference_runs: dict[str, Path]
+) -> None:
+    """A run whose two newest checkpoints are broken: step 15's trainer.json lost its "args"
+    (skipped when the flags are checked) and step 10's model.pt is cut in half (skipped when it
+    fails to load, the process group up). --resume auto warns about each, naming why, resumes
+    from step 5 and ends like the uninterrupted run; step 10 named explicitly is an error that
+    writes nothing."""
+    source = reference_runs["ddp"]
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    for later in checkpoints.complete_checkpoints(out / "checkpoints")[3:]:
+        shutil.rmtree(later)  # steps 5, 10, 15 left
+    meta_file = _step_dir(out, 15) / "trainer.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["args"]
+    meta_file.write_text(json.dumps(meta))
+    model = _step_dir(out, 10) / "model.pt"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    metrics = (out / "metrics.jsonl").read_bytes()
+
+    explicit = _flags(corpus_dir, "--resume", str(_step_dir(out, 10)))
+    assert f"cannot load checkpoint {_step_dir(out, 10)}" in _torchrun_fails(2, explicit, out)
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+
+    result = _torchrun(2, _flags(corpus_dir, "--resume", "auto", *EVERY), out)
+    text = result.stdout + result.stderr
+    assert f"skipped {_step_dir(out, 15)}: {meta_file}: no 'args' field" in text
+    assert f"skipped {_step_dir(out, 10)}: it does not load (RuntimeError: " in text
+    assert f"resumed from {_step_dir(out, 5)} at step 5, batch 4" in result.stdout
+    _assert_same_records(_records(out), _records(source))
+    for step in (10, 15):  # the broken ones replaced by this run's own
+        assert checkpoints.read_meta(_step_dir(out, step))["step"] == step
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("disk", "engine"), [("tmpfs", "ddp"), ("tmpfs", "deepspeed"), ("file-size-limit", "ddp")]
+)
+def test_a_full_disk_is_a_clean_error_that_keeps_the_last_checkpoint(
+    disk: str,
+    engine: str,
+    tmp_path: Path,
+    corpus_dir: Path,
+    reference_runs: dict[str, Path],
+    request: pytest.FixtureRequest,
+) -> None:
+    """A save that cannot be written stops the job on every rank with an error naming the
+    checkpoint directory and the reason; the checkpoint before it stays as it was (its files
+    byte for byte the uninterrupted run's, which writes the same bytes), and nothing of the
+    failed save is left.
+
+    tmpfs: a real full disk. A tmpfs of 1.5 checkpoints is mounted on tmp_path (root only:
+    skipped where mount is refused); the run saves every 5 steps, step 5 fits, step 10's files
+    get ENOSPC from the kernel. DeepSpeed writes its files by path, so torch's error there
+    carries no errno ("is the disk full?"); the rank that failed inside save_checkpoint used to
+    leave the others waiting in DeepSpeed's closing barrier for ever.
+    file-size-limit: RLIMIT_FSIZE at half model.pt's size on torchrun and its workers, so that
+    writes past it fail with EFBIG (Python ignores SIGXFSZ). Not a full disk: a write failing
+    midway, which reaches train.py the same way (torch's opaque writer error with the OSError
+    behind it) and runs without root. The run resumes from a copy of step 5, so that a
+    checkpoint precedes the failing one."""
+    if engine == "deepspeed":
+        request.getfixturevalue("deepspeed_ops")
+    reference = _step_dir(reference_runs[engine], 5)
+    files = sorted(f.name for f in reference.iterdir() if f.name != "trainer.json")
+    mounted = None
+    try:
+        if disk == "tmpfs":
+            disk_dir = tmp_path / "disk"
+            disk_dir.mkdir()
+            size = sum(f.stat().st_size for f in reference.iterdir()) * 3 // 2
+            mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk_dir)]
+            if os.geteuid() != 0 or shutil.which("mount") is None:
+                pytest.skip("mounting a tmpfs needs root")
+            if subprocess.run(mount, capture_output=True).returncode:
+                pytest.skip("mount -t tmpfs refused here")
+            mounted = disk_dir
+            out, flags, limit = mounted / "run", _flags(corpus_dir, *EVERY), None
+        else:
+            out = tmp_path / "run"
+            shutil.copytree(reference, _step_dir(out, 5))
+            shutil.copy(reference_runs[engine] / "metrics.jsonl", out)
+            flags = _flags(corpus_dir, *EVERY, "--resume", "auto")
+            limit = (reference / "model.pt").stat().st_size // 2  # metrics.jsonl stays below
+
+        def limit_file_size() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        text = _torchrun_fails(2, [*flags, "--engine", engine], out, limit_file_size)
+        assert f"cannot save checkpoint {_step_dir(out, 10)}" in text
+        reasons = {
+            ("tmpfs", "ddp"): "the disk is full ([Errno 28] No space left on device)",
+            ("tmpfs", "deepspeed"): "the write failed, is the disk full? (RuntimeError: ",
+            ("file-size-limit", "ddp"): "([Errno 27] File too large)",
+        }
+        assert reasons[disk, engine] in text
+        assert f"the latest checkpoint {_step_dir(out, 5)} is as it was" in text
+        assert sorted(os.listdir(out / "checkpoints")) == ["step_00000005"]  # no partial left
+        for name in files:
+            assert (_step_dir(out, 5) / name).read_bytes() == (reference / name).read_bytes()
+        assert _records(out)[-1]["step"] == 10  # it stopped at the save that failed
+    finally:
+        if mounted is not None:
+            subprocess.run(["umount", str(mounted)], check=True)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("args", None, "no 'args' field (train.py writes ["),
+        ("step", "ten", "'step' is 'ten', expected int"),
+        ("args", [], "'args' is [], expected dict"),
+        ("zero_stage", "1", "'zero_stage' is '1', expected int or null"),
+        ("world_size", 0, "'world_size' is 0, expected >= 1"),
+    ],
+)
+def test_a_malformed_trainer_json_is_an_error_naming_the_file_and_the_field(
+    field: str, value: object, message: str, tmp_path: Path
+) -> None:
+    """``python launch/train.py --resume CHECKPOINT`` whose trainer.json lacks a field (None
+    here: removed) or has one of the wrong type: exit code 2 and the parser's message naming
+    the file and the field (a missing "args" was a KeyError traceback), nothing written."""
+    saved = vars(train.parse_args(["--out", str(tmp_path / "run")], world_size=1))
+    meta: dict[str, object] = dict(
+        step=10, samples=80, batch_size=8, world_size=1, micro_batch=4, zero_stage=None, args=saved
+    )
+    if value is None:
+        del meta[field]
+    else:
+        meta[field] = value
+    checkpoint = _write_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000010", **meta)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, str(TRAIN), "--resume", str(checkpoint)]
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {checkpoint / 'trainer.json'}: {message}" in result.stderr
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints"]

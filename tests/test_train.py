@@ -170,6 +170,80 @@ def test_bad_flags_are_clean_errors(
     assert message in capsys.readouterr().err
 
 
+def _train_py(flags: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python launch/train.py FLAGS`` as a user types it (one process, no torchrun)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, str(TRAIN), *flags]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--optimizer", "adamw", "--aux-lr", "0.01"],
+            "error: --aux-lr applies to --optimizer muon or specsgd only (their non-matrix "
+            "parameters, their Newton-Schulz), not adamw: drop it",
+        ),
+        # given at its default value: still a flag that does nothing for signum
+        (["--ns-dtype", "float32"], "--ns-dtype applies to --optimizer muon or specsgd only"),
+        (
+            ["--optimizer", "sgd", "--estimator", "paper"],
+            "--estimator chooses how l1 and nuclear noise is pooled and bias-corrected; --norm "
+            "auto with --optimizer sgd (l2) is linear in the moments",
+        ),
+        (["--norm", "l2", "--estimator", "pooled"], "; --norm l2 is linear in the moments"),
+        (
+            ["--data", "TEXT", "--corpus-mb", "1", "--corpus-dir", "elsewhere"],
+            "--corpus-mb applies to --data stdlib only, not --data TEXT; --corpus-dir applies "
+            "to --data stdlib only, not --data TEXT: drop them",
+        ),
+        (["--val-fraction", "0.1"], "the stdlib corpus holds out whole files of its own"),
+        (
+            ["--data", "BIN", "--val-bin", "BIN", "--val-fraction", "0.1"],
+            "--val-fraction splits the tail of a --data file; --val-bin is the validation set",
+        ),
+        (["--fsdp-strategy", "NO_SHARD"], "--fsdp-strategy needs --engine fsdp1"),
+        (["--zero-stage", "0"], "--zero-stage and --ds-config need --engine deepspeed"),
+    ],
+)
+def test_flags_that_would_do_nothing_are_errors(
+    flags: list[str], message: str, tmp_path: Path
+) -> None:
+    """A flag the chosen optimizer, data source, norm or engine does not use would be ignored
+    silently: it is a parser error (exit code 2) naming the flag and what it needs, before any
+    process group or output exists."""
+    files = {"TEXT": tmp_path / "text.txt", "BIN": tmp_path / "tokens.bin"}
+    files["TEXT"].write_bytes(b"some text to train on\n" * 200)
+    files["BIN"].write_bytes(bytes(range(256)) * 16)
+    for name, file in files.items():
+        flags = [str(file) if f == name else f for f in flags]
+        message = message.replace(name, str(file))
+    result = _train_py([*flags, "--out", str(tmp_path / "out")], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_flags_for_the_chosen_optimizer_and_data_are_accepted(tmp_path: Path) -> None:
+    """The same flags where they act: no error."""
+    text, tokens = tmp_path / "text.txt", tmp_path / "tokens.bin"
+    text.write_bytes(b"some text to train on\n" * 200)
+    tokens.write_bytes(bytes(range(256)) * 16)
+    for flags in (
+        ["--optimizer", "muon", "--aux-lr", "0.01", "--ns-dtype", "bfloat16"],
+        ["--optimizer", "specsgd", "--aux-lr", "0.01", "--estimator", "paper"],
+        ["--optimizer", "sgd", "--norm", "l1", "--estimator", "paper"],
+        ["--data", str(text), "--val-fraction", "0.1"],
+        ["--data", str(tokens), "--val-bin", str(tokens)],
+        ["--corpus-mb", "1", "--corpus-dir", str(tmp_path / "corpus")],
+        ["--engine", "fsdp1", "--fsdp-strategy", "NO_SHARD"],
+        ["--engine", "deepspeed", "--zero-stage", "1"],
+    ):
+        train.parse_args([*flags, "--out", str(tmp_path / "out")], world_size=2)
+
+
 def test_single_process_fsdp_is_refused_with_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
     assert train.parse_args([], world_size=1).engine == "ddp"  # one process: the plain module
     with pytest.raises(SystemExit):

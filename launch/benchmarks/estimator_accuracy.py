@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -74,11 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(path: str) -> tuple[Llama, dict]:
-    directory = checkpoints.resolve(path, Path(path))
-    if directory is None or not (directory / "model.pt").is_file():
-        raise SystemExit(f"--checkpoint {path}: no DDP/FSDP checkpoint of launch/train.py there")
-    args = checkpoints.read_meta(directory)["args"]
-    checkpoint = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    try:
+        directory = checkpoints.resolve(path, Path(path))
+        if directory is None or not (directory / "model.pt").is_file():
+            raise checkpoints.CheckpointError("no DDP/FSDP checkpoint of launch/train.py there")
+        args = checkpoints.read_meta(directory)["args"]
+    except checkpoints.CheckpointError as exc:
+        raise SystemExit(f"--checkpoint {path}: {exc}") from exc
+    checkpoint = load_file(directory / "model.pt", "--checkpoint")
     corpus = load_corpus(args["data"], cache_dir=args["corpus_dir"], corpus_mb=args["corpus_mb"])
     cfg = LlamaConfig(
         vocab_size=corpus.vocab_size,
@@ -90,6 +94,67 @@ def load_model(path: str) -> tuple[Llama, dict]:
     model = Llama(cfg)
     model.load_state_dict(checkpoint["model"])
     return model, args
+
+
+def load_file(path: Path, flag: str) -> dict:
+    """A torch file read with ``weights_only=True``: tensors and plain containers only, so that
+    a file from elsewhere cannot run code while it is read; any failure names the file."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refusals are UnpicklingError, damage RuntimeError...
+        # torch's refusal is a page of advice; the line naming the refused object is the news
+        refused = re.search(r"Unsupported global: [^\n]*", str(exc))
+        raise SystemExit(
+            f"{flag}: cannot load {path} (weights_only=True: tensors and plain containers "
+            f"only): {type(exc).__name__}: {refused.group(0) if refused else exc}"
+        ) from exc
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"{flag}: {path} holds a {type(loaded).__name__}, expected a dict")
+    return loaded
+
+
+#: --cache's format: the gradients and, per parameter, its columns and shape as plain ints
+#: (read with weights_only=True; the first format pickled slice objects and needed a full
+#: unpickler).
+CACHE_FORMAT = "estimator_accuracy per-example gradients 2"
+
+
+def write_cache(
+    path: Path, grads: torch.Tensor, columns: dict[str, slice], shapes: dict[str, torch.Size]
+) -> None:
+    torch.save(
+        {
+            "format": CACHE_FORMAT,
+            "grads": grads,
+            "columns": {name: [c.start, c.stop] for name, c in columns.items()},
+            "shapes": {name: list(shape) for name, shape in shapes.items()},
+        },
+        path,
+    )
+
+
+def read_cache(
+    path: Path,
+) -> tuple[torch.Tensor, dict[str, slice], dict[str, torch.Size]]:
+    """What ``write_cache`` wrote; any other file is refused with an error naming it."""
+    cache = load_file(path, "--cache")
+    if cache.get("format") != CACHE_FORMAT:
+        raise SystemExit(
+            f"--cache: {path} is not a cache of this script ({CACHE_FORMAT!r}; an older one is "
+            "rebuilt when removed)"
+        )
+    try:
+        grads, columns, shapes = cache["grads"], cache["columns"], cache["shapes"]
+        if not isinstance(grads, torch.Tensor) or grads.dim() != 2:
+            raise TypeError(f"grads must be a 2-D tensor, got {type(grads).__name__}")
+        parsed = (
+            grads,
+            {name: slice(int(a), int(b)) for name, (a, b) in columns.items()},
+            {name: torch.Size(int(n) for n in shape) for name, shape in shapes.items()},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SystemExit(f"--cache: {path} is malformed: {type(exc).__name__}: {exc}") from exc
+    return parsed
 
 
 def per_example_gradients(
@@ -216,11 +281,11 @@ def main(argv: list[str] | None = None) -> None:
     windows = sample_windows(corpus.train, train_args["seq_len"], args.population, rng)
     cached = bool(args.cache) and Path(args.cache).is_file()
     if cached:
-        grads, columns, shapes = torch.load(args.cache, weights_only=False)
+        grads, columns, shapes = read_cache(Path(args.cache))
     else:
         grads, columns, shapes = per_example_gradients(model, windows)
         if args.cache:
-            torch.save((grads, columns, shapes), args.cache)
+            write_cache(Path(args.cache), grads, columns, shapes)
     geometry = Geometry(model, columns, shapes)
     population = population_noise(grads, geometry)
     print(
