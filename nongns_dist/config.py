@@ -8,6 +8,7 @@ theta); every failure is a ``ValueError`` that names the field, the value and wh
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Annotated, Any, Literal
@@ -17,7 +18,7 @@ from pydantic.dataclasses import dataclass
 
 from nongns_dist.norms import SqrtTraceMethod
 
-__all__ = ["NORMS", "GNSConfig"]
+__all__ = ["NORMS", "RESUME_FIXED", "GNSConfig", "as_config", "check_count"]
 
 #: Norms an estimate can be taken in. ``auto`` asks the optimizer (see ``nongns_dist.optim``).
 NORMS = ("l1", "l2", "nuclear", "auto")
@@ -86,9 +87,14 @@ class GNSConfig:
     # -- batch-size rule (Algorithm 1) ------------------------------------------------------
     #: Measure every ``interval`` optimizer steps (F in the paper); other steps cost nothing.
     interval: PositiveInt = 100
-    #: Target batch is noise / (theta^2 * signal): smaller theta, larger batches (at most 1e3:
-    #: far above 1 the target is already below any batch, and theta^2 must stay finite).
-    theta: Annotated[float, Field(gt=0.0, le=1e3)] = 0.6
+    #: Target batch is noise / (theta^2 * signal): smaller theta, larger batches. Allowed:
+    #: 1e-3 <= theta <= 1e3. Far above 1 the target is already below any batch. Below 1e-3 the
+    #: target is over a million times the noise scale (critical batch), beyond any batch a run
+    #: can take, and smaller still it stops being a number: theta^2 underflows float64 to 0
+    #: below ~1.5e-162 (a division by zero), and from ~1e-150 noise / (theta^2 signal)
+    #: overflows to inf for ordinary noise scales. The paper's value is 0.6; tuned ones lie
+    #: within 0.1-1.2 (README).
+    theta: Annotated[float, Field(ge=1e-3, le=1e3)] = 0.6
     #: EMA coefficients of the squared noise and signal (bN, bM in the paper).
     ema_beta_noise: Beta = 0.9
     ema_beta_signal: Beta = 0.9
@@ -140,6 +146,79 @@ class GNSConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check_resume(self, saved: Mapping[str, Any] | None) -> None:
+        """Refuse to continue a state saved under ``saved`` (its ``to_dict()``) with this
+        config when a field in ``RESUME_FIXED`` differs: those define what the saved numbers
+        (EMAs of noise and signal, pooled moments) mean, and mixing them with numbers measured
+        another way gives neither estimate. Raises ``ValueError`` naming the field and both
+        values; ``None`` (a state saved without its config) and fields the saved config lacks
+        (an older version) are not compared.
+
+        May change on a resume (each applies from the next step): ``enabled``,
+        ``adapt_batch_size``, ``interval``, ``theta``, ``warmup_samples`` (samples already
+        seen count), ``max_batch_size`` (raised: the batch may grow further; lowered below the
+        saved batch: the batch is capped to it at once, rounded down to a feasible batch, and
+        the lr multiplier follows), ``lr_scaling`` (the multiplier is recomputed),
+        ``sqrt_trace_method`` and ``sqrt_trace_tol`` (the same quantity, computed another
+        way), ``layer_breakdown``, ``check_consistency``, and ``initial_batch_size`` (only the
+        fresh start reads it: a resumed run keeps the saved run's initial batch as the lr
+        multiplier's reference).
+        """
+        if saved is None:
+            return
+        if not isinstance(saved, Mapping):
+            raise ValueError(
+                f"the saved state's 'config' must be a mapping (GNSConfig.to_dict()), got "
+                f"{type(saved).__name__}"
+            )
+        for name, reason in RESUME_FIXED.items():
+            if name in saved and saved[name] != getattr(self, name):
+                raise ValueError(
+                    f"cannot resume: the checkpoint was measured with {name}={saved[name]!r}, "
+                    f"this config has {name}={getattr(self, name)!r}; {name} may not change on "
+                    f"a resume ({reason}). Resume with {name}={saved[name]!r}; fields that may "
+                    f"change: {sorted(GNSConfig.field_names() - set(RESUME_FIXED))}"
+                )
+
+
+#: Config fields a resume may not change, and why (``GNSConfig.check_resume``).
+RESUME_FIXED: dict[str, str] = {
+    "norm": "the saved noise and signal EMAs and pooled moments are in that geometry",
+    "bias_correction": "the saved noise EMA was taken with or without the c4 correction",
+    "pool_moments": "it decides whether the controller acts on the pooled noise or on the EMA "
+    "of each measurement's noise",
+    "pool_dof": "the saved pooled moments settled at that many degrees of freedom",
+    "ema_beta_noise": "the saved EMAs are bias-corrected with their own coefficients",
+    "ema_beta_signal": "the saved EMAs are bias-corrected with their own coefficients",
+}
+
+
+def as_config(config: object, *, where: str = "attach()") -> GNSConfig:
+    """``config`` as a ``GNSConfig``: one is returned as it is, a mapping goes through
+    ``GNSConfig.from_dict`` (which validates every key and value); anything else is a
+    ``TypeError``."""
+    if isinstance(config, GNSConfig):
+        return config
+    if isinstance(config, Mapping):
+        return GNSConfig.from_dict(config)
+    raise TypeError(
+        f"{where}: config must be a GNSConfig or a mapping of its fields (read with "
+        f"GNSConfig.from_dict), got {type(config).__name__}: {config!r}"
+    )
+
+
+def check_count(name: str, value: object, *, minimum: int = 1) -> int:
+    """``value`` as an ``int`` of at least ``minimum`` (and at most 2^53): a bool, a float
+    (even 2.0) or a string is a ``TypeError``, an int out of range a ``ValueError``, each
+    naming ``name``, the value and what is allowed."""
+    allowed = f"an int >= {minimum} (at most 2**53)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}); allowed: {allowed}")
+    count = int(value)
+    if not minimum <= count <= MAX_COUNT:
+        raise ValueError(f"{name}={count!r}; allowed: {allowed}")
+    return count
 
 
 # pydantic's ValidationError already subclasses ValueError and prints the field, the input value

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nongns_dist.config import GNSConfig
+from nongns_dist.config import GNSConfig, check_count
 
 __all__ = [
     "BatchDecision",
@@ -156,11 +156,15 @@ class BatchSizeController:
         world_size: int,
         accumulation_steps: int | None = None,
     ) -> None:
-        if micro_batch_size < 1 or world_size < 1:
-            raise ValueError(
-                f"micro_batch_size and world_size must be >= 1, got {micro_batch_size}, "
-                f"{world_size}"
+        if not isinstance(config, GNSConfig):
+            raise TypeError(
+                f"config must be a GNSConfig (GNSConfig.from_dict reads a mapping), got "
+                f"{type(config).__name__}: {config!r}"
             )
+        micro_batch_size = check_count("micro_batch_size", micro_batch_size)
+        world_size = check_count("world_size", world_size)
+        if accumulation_steps is not None:
+            accumulation_steps = check_count("accumulation_steps", accumulation_steps)
         self.config = config
         self.unit = micro_batch_size * world_size
         if config.initial_batch_size is not None:
@@ -176,8 +180,6 @@ class BatchSizeController:
                     f"{accumulation_steps * self.unit}, but initial_batch_size={initial}"
                 )
         else:
-            if accumulation_steps is not None and accumulation_steps < 1:
-                raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
             initial = self.unit * (accumulation_steps or 1)
         if config.max_batch_size is not None and config.max_batch_size < initial:
             raise ValueError(
@@ -259,9 +261,11 @@ class BatchSizeController:
         ema = self.ema()
         assert ema is not None
         noise, signal = ema
-        if signal <= 0:
+        # theta^2 * signal may underflow to 0 for a subnormal signal: that is a zero signal
+        denominator = self.config.theta**2 * signal
+        if denominator <= 0:
             return math.inf if noise > 0 else float(self.batch_size)
-        return noise / (self.config.theta**2 * signal)
+        return noise / denominator
 
     # -- checkpointing -------------------------------------------------------------------------
     _STATE_KEYS = (
@@ -285,12 +289,34 @@ class BatchSizeController:
         """Continue from ``state_dict()``. A state taken with another unit (micro-batch x ranks:
         an elastic resume) is converted: step, samples, warm-up progress (samples), EMAs and the
         initial batch (the lr multiplier's reference) kept, the batch moved to
-        ``resume_batch_size`` of the new unit, so the lr multiplier follows the new batch."""
+        ``resume_batch_size`` of the new unit, so the lr multiplier follows the new batch.
+
+        ``max_batch_size`` is this config's: with the same unit too, a saved batch above it is
+        capped to it (rounded down to a multiple of the unit; the cap wins over "the batch never
+        shrinks", as on an elastic resume) and the lr multiplier follows, with a warning.
+        (Which config fields may change on a resume at all: ``GNSConfig.check_resume``.)"""
         state = {"pooled_noise": None, **state}  # checkpoints from before pooling lack it
         missing = sorted(set(self._STATE_KEYS) - set(state))
         extra = sorted(set(state) - set(self._STATE_KEYS))
         if missing or extra:
             raise ValueError(f"controller state: missing keys {missing}, unknown keys {extra}")
+        maximum = self.config.max_batch_size
+        if (
+            state["unit"] == self.unit
+            and maximum is not None
+            and state["batch_size"] % self.unit == 0
+            and state["batch_size"] > maximum // self.unit * self.unit
+        ):
+            batch = resume_batch_size(state["batch_size"], unit=self.unit, maximum=maximum)
+            logger.warning(
+                "nongns_dist: resuming with max_batch_size=%d below the checkpoint's global batch "
+                "%d: batch %d -> %d, lr multiplier %.4g -> %.4g",
+                maximum, state["batch_size"], state["batch_size"], batch,
+                lr_multiplier(state["batch_size"], state["initial_batch_size"],
+                              self.config.lr_scaling),
+                lr_multiplier(batch, state["initial_batch_size"], self.config.lr_scaling),
+            )  # fmt: skip
+            state = {**state, "batch_size": batch}
         if state["unit"] != self.unit:
             batch = resume_batch_size(
                 state["batch_size"], unit=self.unit, maximum=self.config.max_batch_size

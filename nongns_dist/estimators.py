@@ -37,6 +37,7 @@ __all__ = [
     "GNSEstimate",
     "LayerEstimate",
     "MomentPool",
+    "check_dense_real",
     "coordinate_partial_sums",
     "estimate_gns",
     "finish",
@@ -413,10 +414,29 @@ class _PoolEntry:
     floor: float = 0.0  # EMA of the moments' rounding resolutions
 
 
+def check_dense_real(name: str, tensor: torch.Tensor) -> None:
+    """Refuse a gradient the estimate cannot take: a sparse one (its variance would need the
+    rows no sample touched) or a complex one (casting it to float64 would drop the imaginary
+    part, silently). ``ValueError`` naming the parameter, what it is and what is allowed."""
+    if tensor.layout != torch.strided:
+        raise ValueError(
+            f"{name or 'samples'}: a {tensor.layout} gradient cannot be measured; allowed: "
+            "dense (strided) real floating-point gradients (convert with .to_dense())"
+        )
+    if tensor.is_complex():
+        raise ValueError(
+            f"{name or 'samples'}: dtype {tensor.dtype} is complex, and the noise scale is "
+            "defined for real gradients only (a float64 cast would drop the imaginary part); "
+            "allowed: real floating-point gradients (measure torch.view_as_real(g) as its own "
+            "real parameter if that is the geometry you mean)"
+        )
+
+
 def _as_named_samples(
     samples: torch.Tensor | Sequence[Mapping[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     if isinstance(samples, torch.Tensor):
+        check_dense_real("", samples)
         if samples.dim() < 2:
             raise ValueError(
                 f"a tensor of samples must have shape (n, ...), got {tuple(samples.shape)}"
@@ -428,12 +448,31 @@ def _as_named_samples(
     for i, sample in enumerate(samples):
         if list(sample) != names:
             raise ValueError(f"sample {i} has parameters {list(sample)}, sample 0 has {names}")
+        for name in names:
+            check_dense_real(f"sample {i}, parameter {name!r}", sample[name])
     return {
         name: torch.stack([s[name].detach().to(torch.float64) for s in samples]) for name in names
     }
 
 
 def _resolve_norms(
+    names: Sequence[str], shapes: Mapping[str, torch.Size], norm: NormSpec
+) -> dict[str, str]:
+    """Norm per measured parameter. Empty parameters (0 elements, e.g. (0, 5)) are left out
+    under every norm, as the plan leaves them out (``capture.plan.plan_entries``): they add
+    zero to every noise and signal sum and have no matrix to take a covariance of."""
+    empty = {n for n in names if shapes[n][1:].numel() == 0}
+    chosen = _resolve_norms_of(names, shapes, norm)
+    chosen = {n: k for n, k in chosen.items() if n not in empty}
+    if not chosen and empty:
+        raise ValueError(
+            f"norm={norm!r} leaves no non-empty parameter to measure (empty ones, with 0 "
+            f"elements, are left out: {sorted(empty)})"
+        )
+    return chosen  # none at all: combined_norm says so
+
+
+def _resolve_norms_of(
     names: Sequence[str], shapes: Mapping[str, torch.Size], norm: NormSpec
 ) -> dict[str, str]:
     if isinstance(norm, str):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from nongns_dist import GNSConfig
+from nongns_dist.config import RESUME_FIXED, as_config, check_count
 
 BAD_VALUES = [
     ("enabled", 1),
@@ -25,6 +26,8 @@ BAD_VALUES = [
     ("theta", 0.0),
     ("theta", -0.6),
     ("theta", "0.6"),
+    ("theta", 1e-200),  # theta^2 underflows float64: a division by zero later
+    ("theta", 9.99e-4),  # below the documented 1e-3
     ("ema_beta_noise", 1.0),
     ("ema_beta_noise", -0.1),
     ("ema_beta_signal", 1.2),
@@ -85,3 +88,67 @@ def test_frozen():
     cfg = GNSConfig()
     with pytest.raises(AttributeError):
         cfg.theta = 0.3  # type: ignore[misc]
+
+
+def test_theta_bounds_are_inclusive_and_documented():
+    assert GNSConfig(theta=1e-3).theta == 1e-3
+    assert GNSConfig(theta=1e3).theta == 1e3
+    for bad in (1e-200, 1e-150, 9.99e-4, 0.0):
+        with pytest.raises(ValueError, match=r"theta[\s\S]*greater than or equal to 0\.001"):
+            GNSConfig(theta=bad)
+    with pytest.raises(ValueError, match=r"theta[\s\S]*less than or equal to 1000"):
+        GNSConfig(theta=1e3 * (1 + 1e-12))
+
+
+def test_as_config_takes_a_config_or_a_mapping():
+    cfg = GNSConfig(norm="l1")
+    assert as_config(cfg) is cfg
+    assert as_config({"norm": "l1"}) == cfg
+    with pytest.raises(ValueError, match="intervall"):
+        as_config({"intervall": 5})
+    with pytest.raises(TypeError, match=r"attach\(\): config must be a GNSConfig or a mapping"):
+        as_config("l1")
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("2", TypeError), (2.0, TypeError), (True, TypeError), (None, TypeError), (0, ValueError),
+     (-1, ValueError), (2**53 + 1, ValueError)],
+)  # fmt: skip
+def test_check_count_names_the_argument_and_the_value(value, error):
+    with pytest.raises(error, match=rf"world_size={value!r}.*allowed: an int >= 1"):
+        check_count("world_size", value)
+
+
+def test_check_count_accepts_integral_types():
+    import numpy as np
+
+    assert check_count("n", 3) == 3 and type(check_count("n", np.int64(3))) is int
+    assert check_count("n", 0, minimum=0) == 0
+
+
+def test_check_resume_refuses_estimator_defining_fields_and_allows_the_rest():
+    cfg = GNSConfig(norm="l1", max_batch_size=64)
+    changed = {
+        "norm": "nuclear", "bias_correction": False, "pool_moments": False, "pool_dof": 10.0,
+        "ema_beta_noise": 0.5, "ema_beta_signal": 0.5,
+    }  # fmt: skip
+    assert set(changed) == set(RESUME_FIXED)
+    for field, value in changed.items():
+        saved = {**cfg.to_dict(), field: value}
+        with pytest.raises(
+            ValueError, match=rf"{field}={value!r}.*{field}={getattr(cfg, field)!r}"
+        ):
+            cfg.check_resume(saved)
+    allowed = {
+        "enabled": False, "adapt_batch_size": False, "interval": 7, "theta": 1.2,
+        "warmup_samples": 9, "initial_batch_size": 16, "max_batch_size": None,
+        "lr_scaling": "linear", "sqrt_trace_method": "newton_schulz", "sqrt_trace_tol": 0.01,
+        "layer_breakdown": True, "check_consistency": True,
+    }  # fmt: skip
+    assert set(allowed) | set(changed) == GNSConfig.field_names()
+    cfg.check_resume({**cfg.to_dict(), **allowed})
+    cfg.check_resume(None)  # a state saved without its config
+    cfg.check_resume({"norm": "l1"})  # an older config without the newer fields
+    with pytest.raises(ValueError, match="mapping"):
+        cfg.check_resume("l1")  # type: ignore[arg-type]

@@ -43,7 +43,7 @@ def _valid(field: str, value: Any) -> bool:
     if field == "sqrt_trace_tol":
         return (is_float or is_int) and 0 < value < 1
     if field == "theta":
-        return (is_float or is_int) and 0 < value <= 1e3
+        return (is_float or is_int) and 1e-3 <= value <= 1e3
     if field == "pool_dof":
         return (is_float or is_int) and 0 < value <= 1e6
     if field in ("ema_beta_noise", "ema_beta_signal"):

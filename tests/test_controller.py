@@ -187,3 +187,66 @@ def test_construction_and_load_errors():
         resume_batch_size(24, unit=16, maximum=12)
     with pytest.raises(ValueError, match="missing keys"):
         c.load_state_dict({"step": 1})
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("2", TypeError), (2.5, TypeError), (2.0, TypeError), (True, TypeError), (0, ValueError),
+     (-2, ValueError)],
+)  # fmt: skip
+@pytest.mark.parametrize("argument", ["micro_batch_size", "world_size", "accumulation_steps"])
+def test_counts_are_positive_ints(argument, value, error):
+    kwargs = {"micro_batch_size": 2, "world_size": 2, argument: value}
+    with pytest.raises(error, match=rf"{argument}={value!r}.*allowed: an int >= 1"):
+        BatchSizeController(GNSConfig(), **kwargs)
+
+
+def test_config_must_be_a_gns_config():
+    with pytest.raises(TypeError, match=r"GNSConfig \(GNSConfig.from_dict reads a mapping\)"):
+        BatchSizeController({"norm": "l1"}, micro_batch_size=2, world_size=2)  # type: ignore[arg-type]
+
+
+def _grown(maximum=64):
+    cfg = GNSConfig(norm="l1", interval=1, theta=0.6, max_batch_size=maximum)
+    ctrl = BatchSizeController(cfg, micro_batch_size=4, world_size=2)  # unit 8, B0 = 8
+    ctrl.update(est(0.36 * 100, 1.0))  # target 100 -> the cap
+    assert ctrl.batch_size == maximum
+    return cfg, json.loads(json.dumps(ctrl.state_dict()))
+
+
+@pytest.mark.parametrize(("maximum", "batch"), [(16, 16), (30, 24), (64, 64), (None, 64)])
+def test_a_lower_max_batch_size_on_resume_caps_the_batch_for_the_same_unit(maximum, batch):
+    cfg, state = _grown()
+    resumed = BatchSizeController(
+        dataclasses.replace(cfg, max_batch_size=maximum), micro_batch_size=4, world_size=2
+    )
+    resumed.load_state_dict(state)
+    assert resumed.batch_size == batch and resumed.accumulation_steps == batch // 8
+    assert resumed.initial_batch_size == 8 and resumed.lr_multiplier == math.sqrt(batch / 8)
+    assert resumed.step == 1 and resumed.num_updates == 1  # the rest is the checkpoint's
+    # the same rule as an elastic resume (another unit): the cap wins
+    assert resume_batch_size(64, unit=8, maximum=maximum) == batch
+    if maximum is not None:  # and it stays capped: the next decisions respect it
+        resumed.update(est(0.36 * 1000, 1.0))
+        assert resumed.batch_size == batch
+
+
+def test_a_raised_max_batch_size_on_resume_lets_the_batch_grow():
+    cfg, state = _grown(maximum=16)
+    resumed = BatchSizeController(
+        dataclasses.replace(cfg, max_batch_size=64), micro_batch_size=4, world_size=2
+    )
+    resumed.load_state_dict(state)
+    assert resumed.batch_size == 16
+    resumed.update(est(0.36 * 100, 1.0))
+    assert resumed.batch_size == 64
+
+
+def test_a_subnormal_signal_at_the_smallest_theta_is_no_division_by_zero():
+    ctrl = BatchSizeController(
+        GNSConfig(norm="l1", interval=1, theta=1e-3, max_batch_size=64, ema_beta_signal=0.0),
+        micro_batch_size=4,
+        world_size=2,
+    )
+    ctrl.update(est(1.0, 1e-320))  # theta^2 * signal underflows to 0: an infinite target
+    assert ctrl.batch_size == 64 and ctrl.last_target == math.inf

@@ -272,6 +272,35 @@ def test_bad_input_is_a_clear_value_error(kwargs, match):
         estimate_gns(**kwargs)
 
 
+@pytest.mark.parametrize("norm", ["l1", "l2", "nuclear"])
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0,)])
+def test_empty_parameters_are_left_out(norm, shape):
+    torch.manual_seed(0)
+    full = [
+        {"w": torch.randn(3, 4), "b": torch.randn(4), "e": torch.zeros(shape)} for _ in range(4)
+    ]
+    without = [{k: v for k, v in s.items() if k != "e"} for s in full]
+    got = estimate_gns(full, 2, norm, layer_breakdown=True)
+    want = estimate_gns(without, 2, norm, layer_breakdown=True)
+    assert (got.noise, got.signal) == (want.noise, want.signal)
+    assert "e" not in got.layers
+    # named explicitly, even as nuclear: left out all the same (the plan does the same)
+    other = "nuclear" if len(shape) == 2 else "l2" if norm == "l2" else "l1"  # 1-D: no nuclear
+    mapped = estimate_gns(full, 2, {"w": norm, "e": other})
+    alone = estimate_gns(without, 2, {"w": norm})
+    assert (mapped.noise, mapped.signal) == (alone.noise, alone.signal)
+    nothing = ">= 2 dims" if norm == "nuclear" and len(shape) == 1 else r"no non-empty.*\['e'\]"
+    with pytest.raises(ValueError, match=nothing):
+        estimate_gns([{"e": s["e"]} for s in full], 2, norm)
+
+
+def test_sparse_and_complex_samples_are_refused():
+    with pytest.raises(ValueError, match=r"sample 0, parameter 'a': a torch.sparse_coo gradient"):
+        estimate_gns([{"a": torch.randn(3, 4).to_sparse()}] * 2, 2, "l1")
+    with pytest.raises(ValueError, match=r"samples: dtype torch.complex64 is complex"):
+        estimate_gns(torch.randn(2, 3, 4, dtype=torch.complex64), 2, "l2")
+
+
 def test_zero_signal_gives_infinite_gns_not_an_exception():
     samples = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
     est = estimate_gns(samples, 1, "l1")

@@ -12,17 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-from nongns_dist.estimators import combined_norm
+from nongns_dist.estimators import check_dense_real, combined_norm
 from nongns_dist.optim.geometry import group_norms
 
 __all__ = [
     "MeasurementPlan",
     "PlanEntry",
     "TrackedParam",
+    "check_measurable_module",
     "clean_fqn",
     "group_kinds",
     "module_plan_entries",
     "plan_entries",
+    "sparse_gradient_parameters",
 ]
 
 #: Prefixes wrappers put into ``named_parameters`` names (FSDP1, activation checkpointing,
@@ -122,11 +124,62 @@ def group_kinds(optimizer: torch.optim.Optimizer, norm: str) -> dict[int, str | 
     }
 
 
+def sparse_gradient_parameters(module: torch.nn.Module) -> list[str]:
+    """Cleaned names of the trainable parameters whose gradients are sparse: the weights of
+    ``nn.Embedding`` / ``nn.EmbeddingBag`` built with ``sparse=True`` (DDP's own rule,
+    ``DistributedDataParallel._build_params_for_reducer``)."""
+    return [
+        clean_fqn(f"{prefix}.{name}" if prefix else name)
+        for prefix, sub in module.named_modules()
+        if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and sub.sparse
+        for name, p in sub.named_parameters(recurse=False)
+        if p.requires_grad
+    ]
+
+
+def check_measurable_module(module: torch.nn.Module) -> None:
+    """Refuse a module the noise scale cannot be measured on, before anything is hooked: no
+    parameter at all, none that requires grad, or a trainable one with a sparse gradient.
+
+    Sparse gradients: DDP all-reduces each one on its own (a bucket of its own, the sparse
+    tensor passed to the comm hook as it is, gloo/NCCL sparse all-reduce), FSDP and ZeRO take
+    none; the measurement needs per-coordinate squares and Grams of dense gradients, which a
+    sparse one (rows touched by this rank only) does not give without densifying the whole
+    table. So it is refused: build the embedding with ``sparse=False``, or freeze it."""
+    name = type(module).__name__
+    params = list(module.parameters())
+    if not params:
+        raise ValueError(
+            f"the model ({name}) has no parameters: there is no gradient to measure; allowed: "
+            "a model with at least one parameter that requires grad"
+        )
+    if not any(p.requires_grad for p in params):
+        raise ValueError(
+            f"none of the {len(params)} parameters of the model ({name}) requires grad: there "
+            "is no gradient to measure; allowed: a model with at least one parameter that "
+            "requires grad"
+        )
+    sparse = sparse_gradient_parameters(module)
+    if sparse:
+        raise ValueError(
+            f"parameter(s) {sparse} get sparse gradients (nn.Embedding / nn.EmbeddingBag with "
+            "sparse=True), which the noise scale cannot be measured on: DDP all-reduces a "
+            "sparse gradient in a bucket of its own, FSDP and ZeRO take none, and the "
+            "statistics need dense gradients; allowed: sparse=False, or freeze the parameter "
+            "(requires_grad=False)"
+        )
+    for pname, p in module.named_parameters():
+        if p.requires_grad:
+            check_dense_real(f"parameter {clean_fqn(pname)!r}", p)
+
+
 def module_plan_entries(
     module: torch.nn.Module, norm: str, optimizer: torch.optim.Optimizer | None
 ) -> list[PlanEntry]:
     """``plan_entries`` of a module whose parameters are the optimizer's own objects (DDP's
-    wrapped module, an FSDP2 root, a plain module): ``auto`` reads the optimizer's groups."""
+    wrapped module, an FSDP2 root, a plain module): ``auto`` reads the optimizer's groups.
+    The module is checked first (``check_measurable_module``)."""
+    check_measurable_module(module)
     kinds = group_kinds(optimizer, norm) if optimizer is not None else None
     return plan_entries(module.named_parameters(), norm, kinds)
 
@@ -143,9 +196,14 @@ def plan_entries(
     ``norm``: the config's (``l1``, ``l2``, ``nuclear``, ``auto``). ``kinds`` (by ``id``,
     from ``group_kinds``) is required for ``auto``. ``shape_of`` (by ``id``) gives the full
     shape where a parameter object is a shard, a flat view or a placeholder (ZeRO-3, FSDP).
-    Nuclear covers parameters whose full shape has >= 2 dims; the rest are left out.
+    Nuclear covers parameters whose full shape has >= 2 dims; the rest are left out. Empty
+    parameters (0 elements, e.g. shape (0, 5)) are left out under every norm, as in
+    ``estimate_gns``: they add zero to every sum and have no matrix for a Gram. Complex or
+    sparse parameters are refused (``ValueError``): only real dense gradients are measured.
     """
     named = [(n, p) for n, p in named_parameters if p.requires_grad]
+    for name, p in named:
+        check_dense_real(f"parameter {clean_fqn(name)!r}", p)
     if norm == "auto" and kinds is None:
         raise ValueError("norm='auto' needs the optimizer; pass optimizer= or pick a norm")
     if norm not in ("l1", "l2", "nuclear", "auto"):
@@ -156,9 +214,16 @@ def plan_entries(
         kind = kinds.get(id(p)) if norm == "auto" and kinds is not None else norm
         if kind == "nuclear" and len(shape) < 2:  # the spectral estimate is for matrices
             kind = None
+        if shape.numel() == 0:  # nothing to measure: zero in every sum, no Gram
+            kind = None
         entries.append((clean_fqn(name), shape, kind))
     if norm == "nuclear" and not any(k == "nuclear" for _, _, k in entries):
-        raise ValueError("norm='nuclear' needs at least one trainable parameter with >= 2 dims")
+        raise ValueError(
+            "norm='nuclear' needs at least one trainable, non-empty parameter with >= 2 dims"
+        )
     if not any(k is not None for _, _, k in entries):
-        raise ValueError(f"norm={norm!r} leaves no trainable parameter to measure")
+        raise ValueError(
+            f"norm={norm!r} leaves no trainable parameter to measure (empty ones, with 0 "
+            "elements, are left out)"
+        )
     return entries
