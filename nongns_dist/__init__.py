@@ -11,6 +11,7 @@ Layers (each uses only those above it; see the project's DESIGN notes):
 
 from __future__ import annotations
 
+from nongns_dist.capture.session import MeasurementError
 from nongns_dist.config import GNSConfig
 from nongns_dist.controller import (
     BatchDecision,
@@ -30,6 +31,7 @@ __all__ = [
     "GNSEstimate",
     "GNSMonitor",
     "LayerEstimate",
+    "MeasurementError",
     "MicroStep",
     "attach",
     "estimate_gns",

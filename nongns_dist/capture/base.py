@@ -45,6 +45,11 @@ class GradientCapture(Protocol):
         (backends whose samples arrive over micro-steps); a no-op for the others."""
         ...
 
+    def discard(self) -> None:
+        """Forget what a step abandoned before its boundary kept (its micro-steps were not all
+        run): the next step starts clean."""
+        ...
+
     def remove(self) -> None:
         """Undo ``install`` where the engine allows it."""
         ...

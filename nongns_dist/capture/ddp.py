@@ -13,6 +13,11 @@ On a measuring step, for each bucket, before its gradients are overwritten by th
 A bucket is finished (squares summed, Grams of G_r - G sent to owners and square-rooted there,
 copies dropped) when the next bucket arrives, before that one is copied, or at the end of
 backward: one bucket's copies are alive at a time, however many layers the model has.
+
+A failure in this rank's measurement math (a copy, a Gram, a square-root trace) is recorded by
+the session and the rank sends zeros in the remaining measurement collectives; the bucket's own
+all-reduce always runs. The step then fails on every rank at ``session.finish``, which the
+driver runs before the optimizer update.
 """
 
 from __future__ import annotations
@@ -65,6 +70,10 @@ class DDPCapture:
     def flush(self) -> None:
         """Nothing waits for the boundary: buckets / units are finished as they are reduced."""
 
+    def discard(self) -> None:
+        """Forget buckets of an abandoned step (normally finished at the end of backward)."""
+        self._records = []
+
     def remove(self) -> None:
         """DDP cannot unregister a comm hook: this only stops measuring (build a new DDP)."""
         self.session = None
@@ -94,8 +103,10 @@ class DDPCapture:
             end = start + param.numel()
             tracked = self.tracked.get(id(param))
             if tracked is not None and tracked.norm == "nuclear":
-                # kept until the average exists: the Gram is of the deviation G_r - G
-                record.matrices.append((tracked, start, end, buffer[start:end].clone()))
+                # kept until the average exists: the Gram is of the deviation G_r - G (None:
+                # the copy failed, the session has the failure and this rank sends zeros)
+                local = session.guarded(buffer[start:end].clone)
+                record.matrices.append((tracked, start, end, local))
             elif tracked is not None:
                 record.coords.append((tracked, start, end))
             start = end
@@ -123,7 +134,7 @@ class DDPCapture:
                 for (tracked, start, _), (offset, count, at) in zip(
                     record.coords, record.parts, strict=True
                 ):
-                    if count == 0:
+                    if count == 0 or session.failed:  # failed: no more local math
                         continue
                     mean = (
                         received[1, at : at + count] / self.world_size
@@ -154,8 +165,9 @@ class _BucketRecord:
     def __init__(self, buffer: torch.Tensor) -> None:
         self.buffer = buffer
         self.coords: list[tuple[TrackedParam, int, int]] = []  # l1/l2: (param, start, end)
-        # nuclear: (param, start, end, this rank's gradient copied before the all-reduce)
-        self.matrices: list[tuple[TrackedParam, int, int, torch.Tensor]] = []
+        # nuclear: (param, start, end, this rank's gradient copied before the all-reduce, or
+        # None where the copy failed)
+        self.matrices: list[tuple[TrackedParam, int, int, torch.Tensor | None]] = []
         self.parts: list[tuple[int, int, int]] = []  # this rank's slice of each coords entry
         self.with_sum = False
         # ``squares`` stays referenced until its work completes: gloo reads it asynchronously

@@ -12,6 +12,11 @@ loss by the accumulation count, so it is already a mean over micro x accumulatio
 per-micro-step sample is multiplied back by the accumulation count. fp16 gradients carry the
 loss scale: the session divides it out (``loss_scale`` here is what the plugin gives it). The
 wrappers only read gradients: on steps that do not measure they call straight through.
+
+Failures: this rank's measurement math (reading a sample in, the statistics at the boundary) is
+``guarded`` by the session; the rank then sends zeros in the boundary's collectives, and
+``flush`` finishes the session right there, before DeepSpeed's optimizer step, so a failure on
+one rank raises ``MeasurementError`` on every rank before any of them applies the update.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ from typing import Any
 
 import torch
 
-from nongns_dist.capture.plan import PlanEntry, TrackedParam, plan_entries
+from nongns_dist.capture.plan import (
+    PlanEntry,
+    TrackedParam,
+    check_measurable_module,
+    plan_entries,
+)
 from nongns_dist.capture.session import MeasurementSession, SampleAccumulator, SampleKind
 from nongns_dist.optim.geometry import group_norms
 
@@ -119,6 +129,7 @@ class DeepSpeedCapture:
         """ZeRO's optimizer holds flat partitions: ``auto`` reads the module parameters of each
         group from the ZeRO wrapper (``bit16_groups``); ZeRO-3 parameters are empty
         placeholders that carry their real shape in ``ds_shape``."""
+        check_measurable_module(self.engine.module)  # sparse embeddings, no trainable parameter
         kinds = None
         if norm == "auto":
             kinds = {
@@ -150,10 +161,18 @@ class DeepSpeedCapture:
 
     def flush(self) -> None:
         """At the boundary, before the optimizer step: reduce this step's samples into the
-        session (a collective; a no-op on steps that do not measure)."""
-        if self.session is not None and self.session.armed:
-            accumulator = self._accumulator or SampleAccumulator(self.session)
-            accumulator.flush(self.device)
+        session and finish it (collectives; a no-op on steps that do not measure). Finishing
+        here, not when the step closes after DeepSpeed's update, makes a failure on any rank
+        raise on every rank before the update (the estimate waits in the session for the
+        plugin's ``close_step``)."""
+        session = self.session
+        accumulator, self._accumulator = self._accumulator, None
+        if session is not None and session.armed:
+            (accumulator or SampleAccumulator(session)).flush(self.device)
+            session.finish()
+
+    def discard(self) -> None:
+        """Forget the samples of a step abandoned before its boundary."""
         self._accumulator = None
 
     # -- the hook points -----------------------------------------------------------------------
@@ -164,8 +183,10 @@ class DeepSpeedCapture:
             return
         if self._accumulator is None:
             self._accumulator = SampleAccumulator(session)
-        # float32 first: a scaled fp16 gradient times the accumulation count can overflow fp16
-        self._accumulator.add(tracked, grad.float() * factor)
+        accumulator = self._accumulator
+        # float32 first: a scaled fp16 gradient times the accumulation count can overflow fp16.
+        # Guarded: a failure is raised on every rank at the boundary, not here in backward.
+        session.guarded(lambda: accumulator.add(tracked, grad.float() * factor))
 
     def _undivide(self) -> int:
         # DeepSpeed divides each micro-step's loss by the accumulation count of the step the

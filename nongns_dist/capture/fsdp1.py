@@ -13,6 +13,9 @@ default hook:
 then the unit is reduced by ``default_hooks`` (bit-identical to no hook) and finished at once:
 the mean shard is paired with the squares, the mean matrices are all-gathered from the shards
 (measuring steps only) and sent with the copies to their owners. Nothing outlives the unit.
+A failure in this rank's measurement math is recorded by the session: the unit's reduction and
+the measurement collectives still run (zeros in place of this rank's statistics), and the step
+fails on every rank at ``session.finish``.
 
     capture = FSDP1Capture(fsdp_root, None)     # refuses hybrid sharding, CPU offload
 """
@@ -139,6 +142,9 @@ class FSDP1Capture:
     def flush(self) -> None:
         """Nothing waits for the boundary: units are finished as they are reduced."""
 
+    def discard(self) -> None:
+        """Nothing outlives a unit's reduction: nothing to forget."""
+
     def remove(self) -> None:
         """FSDP cannot unregister a comm hook: this only stops measuring (the hook stays the
         default reduction)."""
@@ -212,7 +218,8 @@ class _UnitState:
         with_sum = exact_sum_travels(grad.dtype)
         if self.coords:  # padded to a multiple of the group: the chunks are FSDP's shards
             squares = session.reduce_squares(grad)
-        local = [grad[a:b].clone() for _, a, b in self.matrices]
+        # None where the copy failed (the session has the failure; zeros travel instead)
+        local = [session.guarded(grad[a:b].clone) for _, a, b in self.matrices]
         self.reduce(grad, output)  # NO_SHARD: ``grad`` now holds the mean
         if squares is not None:
             work, received, _packed, chunk = squares

@@ -21,7 +21,10 @@ step, and a mismatch is an error, not a wrong estimate):
 On a measuring step, per unit: squares of the local gradient reduce-scattered in the same chunks
 (then all-reduced over the replicate group under HSDP); the mean shards of the measured matrices
 all-gathered over the shard group (the mean is sharded, centring needs all of it); Grams of
-G_r - G to their owners. Nothing is kept past the unit.
+G_r - G to their owners. Nothing is kept past the unit. A failure in this rank's measurement
+math is recorded by the session: FSDP's reduce-scatter and the measurement collectives still
+run (zeros in place of this rank's statistics), and the step fails on every rank at
+``session.finish``.
 """
 
 from __future__ import annotations
@@ -203,6 +206,12 @@ class FSDP2Capture:
     def flush(self) -> None:
         """Nothing waits for the boundary: buckets / units are finished as they are reduced."""
 
+    def discard(self) -> None:
+        """Drop what an abandoned backward kept (normally released by the all-reduce hook)."""
+        for unit in self.units:
+            unit.comm.release()
+            unit.with_grad = []
+
     def remove(self) -> None:
         """Stop measuring; the pass-through comm stays (FSDP2 has no way to unset it)."""
         self.session = None
@@ -269,8 +278,12 @@ class FSDP2Capture:
                 f"{sum(widths) * shards} from the parameters with gradients"
             )
         rows = local_flat.view(shards, -1)
-        mean = output if post == 1.0 else output / post
-        local_rows = rows if pre == 1.0 else rows * pre
+        # (guarded local math; after a failure the values no longer matter, only the shapes of
+        # what this rank still sends)
+        mean = output if post == 1.0 else session.guarded(torch.div, output, post)
+        mean = output if mean is None else mean
+        local_rows = rows if pre == 1.0 else session.guarded(torch.mul, rows, pre)
+        local_rows = rows if local_rows is None else local_rows
         spans, matrices, start = [], [], 0
         for fsdp_param, width in zip(fsdp_params, widths, strict=True):
             tracked = self.tracked.get(id(fsdp_param.sharded_param))
@@ -288,11 +301,12 @@ class FSDP2Capture:
             offsets = [0]
             for _, _, _, w in matrices:
                 offsets.append(offsets[-1] + w)
+            # None where forming one failed (the session has the failure; zeros travel)
             session.add_matrices(
                 [t for t, _, _, _ in matrices],
-                [unchunk(local_rows[:, s : s + w], p) for _, p, s, w in matrices],
+                [session.guarded(unchunk, local_rows[:, s : s + w], p) for _, p, s, w in matrices],
                 [
-                    unchunk(gathered[:, offsets[i] : offsets[i + 1]], p)
+                    session.guarded(unchunk, gathered[:, offsets[i] : offsets[i + 1]], p)
                     for i, (_, p, _, _) in enumerate(matrices)
                 ],
             )
@@ -315,8 +329,16 @@ class FSDP2Capture:
             )
             work.wait()
         else:
-            local = local_rows[0].float()
-            received = torch.stack([local.square(), local] if with_sum else [local.square()])
+
+            def own_rows() -> torch.Tensor:
+                local = local_rows[0].float()
+                return torch.stack([local.square(), local] if with_sum else [local.square()])
+
+            own = session.guarded(own_rows)
+            # failed: zeros in the replicate group's all-reduce
+            received = own if own is not None else local_rows.new_zeros(
+                (2 if with_sum else 1, local_rows.shape[1]), dtype=torch.float32
+            )  # fmt: skip
         if replicate_group is not None and replicate_group.size() > 1:
             dist.all_reduce(received, group=replicate_group)
             if replicate_group.rank() != 0:  # replicas hold the same chunk: count it once

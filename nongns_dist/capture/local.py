@@ -56,6 +56,11 @@ class LocalCapture:
         self._handles.clear()
         self.session = None
 
+    def discard(self) -> None:
+        """Forget the samples of a step abandoned before its end."""
+        self._samples = {}
+        self._accumulator = None
+
     def flush(self) -> None:
         """At the boundary: the step's samples into the session (nothing when not measuring)."""
         session = self.session
@@ -83,8 +88,10 @@ class LocalCapture:
             if self._accumulator is None:
                 self._accumulator = SampleAccumulator(session)
             self._samples[tracked.index] = self._samples.get(tracked.index, 0) + 1
+            accumulator = self._accumulator
             # MicroStep.loss_divisor divided the micro-batch's mean loss by the accumulation
-            # count: undo it, so the sample is the micro-batch's mean gradient.
-            self._accumulator.add(tracked, grad * session.accumulation_steps)
+            # count: undo it, so the sample is the micro-batch's mean gradient. (Guarded: a
+            # failure is raised at the step's end, not in the middle of backward.)
+            session.guarded(lambda: accumulator.add(tracked, grad * session.accumulation_steps))
 
         return hook

@@ -9,6 +9,15 @@ as reductions happen, the driver finishes it at the next boundary (the one all-r
     driver:   estimate = session.finish()             # one all-reduce of the partial sums
               session.settle_pool(keep)               # staged pool updates kept or dropped
 
+A failure in this rank's measurement math (an ``eigvalsh`` that does not converge, an out-of-memory
+on the owner of a large matrix, any exception in the local formulas) must not leave the other
+ranks waiting in the next collective until the backend's timeout. So every local computation runs
+through ``guarded``: an exception is recorded, this rank skips the rest of the step's local math
+but still takes part in every remaining collective of the step (with zeros), and the final
+all-reduce carries one failure flag per rank. After it every rank raises ``MeasurementError``
+naming the failing rank(s) and their exception (the failing rank's own is chained). The
+gradient reduction itself is the engine's and is never skipped.
+
 Loss scaling (fp16): an engine whose gradients are scaled sets ``loss_scale``, a callable that
 returns the scale the armed step's backward ran with (read once, on the first statistics of the
 step). Statistics are divided by it where they enter the table (the mean by the scale, squares
@@ -34,12 +43,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from nongns_dist.capture.collectives import (
+    all_gather,
     gram_triangle,
     reduce_scatter_rows,
     reduce_scatter_segments,
@@ -64,6 +74,7 @@ from nongns_dist.estimators import (
 from nongns_dist.norms import as_matrix, sqrt_trace
 
 __all__ = [
+    "MeasurementError",
     "MeasurementSession",
     "SampleAccumulator",
     "SampleKind",
@@ -74,6 +85,18 @@ __all__ = [
 logger = logging.getLogger("nongns_dist")
 
 SampleKind = Literal["rank", "micro"]
+
+_T = TypeVar("_T")
+
+
+class MeasurementError(RuntimeError):
+    """The measurement of a step failed on some rank(s) of the data-parallel group. Raised on
+    every rank at the end of that step (``MeasurementSession.finish``); ``ranks`` are the failing
+    ranks in the group. The step's gradients were reduced as usual: only the measurement failed."""
+
+    def __init__(self, message: str, ranks: list[int]) -> None:
+        super().__init__(message)
+        self.ranks = ranks
 
 
 def exact_sum_travels(dtype: torch.dtype) -> bool:
@@ -130,6 +153,11 @@ class MeasurementSession:
         #: backward by it.
         self.reductions = 0
         self._claimed: set[object] = set()  # reductions already measured in this step
+        #: This rank's first exception in the step's local measurement math (``guarded``): the
+        #: rank then sends zeros in the step's remaining collectives and fails it at ``finish``.
+        self.failure: Exception | None = None
+        #: The estimate ``finish`` produced, until ``take_estimate`` hands it to the driver.
+        self._estimate: GNSEstimate | None = None
         #: Columns: noise and signal of this measurement, noise of the pooled moments.
         self._partial: torch.Tensor | None = None
         #: Second moments pooled over measurements (``config.pool_moments``): this rank's l1
@@ -184,6 +212,8 @@ class MeasurementSession:
         self._claimed.clear()
         self._touched.clear()
         self._inverse_scale = None
+        self.failure = None
+        self._estimate = None
         if self.pool is not None:
             self.pool.rollback()  # nothing of an abandoned measurement stays
         if self.num_samples < 2:
@@ -198,8 +228,29 @@ class MeasurementSession:
 
     def disarm(self) -> None:
         self._partial = None
+        self.failure = None
+        self._estimate = None
         if self.pool is not None:
             self.pool.rollback()
+
+    def guarded(self, compute: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
+        """``compute(*args, **kwargs)``: local measurement math of this rank (no collective
+        inside). An exception is recorded as the step's failure and None returned; once the step
+        has failed, nothing more is computed (None). The caller then sends zeros in place of
+        what it would have sent, so the collectives of every rank stay matched until ``finish``
+        reports the failure everywhere."""
+        if self.failure is not None:
+            return None
+        try:
+            return compute(*args, **kwargs)
+        except Exception as exc:  # any: a rank that raises here leaves the others hanging
+            self.failure = exc
+            return None
+
+    @property
+    def failed(self) -> bool:
+        """Whether this rank's measurement of the armed step has failed (see ``guarded``)."""
+        return self.failure is not None
 
     def settle_pool(self, keep: bool) -> None:
         """After ``finish``: keep the measurement's staged pool updates, or drop them (a step
@@ -218,14 +269,30 @@ class MeasurementSession:
         return self._inverse_scale
 
     def finish(self) -> GNSEstimate:
-        """The one all-reduce of per-parameter partial sums; ends the measuring step."""
+        """The one all-reduce of per-parameter partial sums; ends the measuring step. A
+        collective: every rank of the group calls it, failed or not. The estimate is also kept
+        for ``take_estimate`` (a backend may finish before the optimizer step, the driver
+        collects it when the step closes).
+
+        Raises ``MeasurementError`` on every rank when any rank's local math failed: each rank
+        adds its failure flag to the same all-reduce (one float per rank), so a failure costs
+        no extra collective unless it happened (then one small gather of the messages)."""
         partial = self._table()
         if self.pool is not None:
-            self._pool_untouched(partial)
+            self.guarded(self._pool_untouched, partial)
         self._partial = None
+        failure, self.failure = self.failure, None
+        flags = torch.zeros(self.world_size, dtype=partial.dtype, device=partial.device)
+        if failure is not None:
+            flags[self.rank] = 1.0
+        packed = torch.cat([partial.reshape(-1), flags])
         if self.world_size > 1:
-            dist.all_reduce(partial, group=self.group)
-        rows = partial.cpu()
+            dist.all_reduce(packed, group=self.group)
+        packed = packed.cpu()  # sums and flags reach the host together, in one copy
+        failed = [r for r, flag in enumerate(packed[partial.numel() :].tolist()) if flag]
+        if failed:
+            self._raise_failure(failed, failure)
+        rows = packed[: partial.numel()].view(partial.shape)
         totals = rows.sum(0)
         noise, signal = finish(float(totals[0]), float(totals[1]), self.plan.norm)
         pooled_noise = None
@@ -246,7 +313,49 @@ class MeasurementSession:
             layers=layers,
             pooled_noise=pooled_noise,
         )
+        self._estimate = estimate
         return estimate
+
+    def take_estimate(self) -> GNSEstimate | None:
+        """The estimate of the step that is closing, once: finished now if the step is still
+        armed (a collective), the one ``finish`` kept if a backend finished it before the
+        optimizer step, else None (the step did not measure)."""
+        if self.armed:
+            self.finish()
+        estimate, self._estimate = self._estimate, None
+        return estimate
+
+    def _raise_failure(self, ranks: list[int], failure: Exception | None) -> None:
+        """Raise ``MeasurementError`` on this rank, naming the failing ``ranks`` and their
+        exceptions. The messages are all-gathered (every rank is here, since every rank saw the
+        same flags) as fixed-width bytes on the session's device, like every other collective
+        of the step: no object collective, which needs the backend's own device set up."""
+        width = 400  # bytes of each rank's message
+        text = "" if failure is None else f"{type(failure).__name__}: {failure}"
+        mine = torch.zeros(width, dtype=torch.uint8, device=self.device)
+        encoded = text.encode()[:width]
+        if encoded:
+            mine[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+        everyone = mine
+        if self.world_size > 1:
+            everyone = torch.empty(self.world_size * width, dtype=torch.uint8, device=self.device)
+            all_gather(everyone, mine, group=self.group)
+        rows = everyone.view(self.world_size, width).cpu().tolist()
+        messages = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in rows]
+        where = "; ".join(
+            f"rank {r}: {messages[r] or 'see the error raised on that rank'}" for r in ranks
+        )
+        names = ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
+        raise MeasurementError(
+            f"nongns_dist: measuring the gradient noise scale failed on {names} of the "
+            f"{self.world_size}-rank data-parallel group ({where}). This is raised "
+            "on every rank at the end of the measuring step, before the optimizer update where "
+            "nongns_dist sees it (the optimizer given to attach(), scaler.step(), DeepSpeed's "
+            "engine.step()); the step's gradients were reduced as usual. Calling the step again "
+            "on every rank applies it unmeasured; to train without measuring, set "
+            "GNSConfig(enabled=False).",
+            ranks,
+        ) from failure
 
     # -- checkpointing of the pooled moments (they are this rank's: one state per rank) ---------
     def pool_state(self) -> dict[str, Any] | None:
@@ -329,7 +438,13 @@ class MeasurementSession:
         """This rank's slice of ``param``: the mean gradient g and Q = sum_s g_s^2. Zero padding
         adds nothing (its variance and |g| are 0), so padded shards may be passed as they are.
         ``offset`` places the slice in this rank's layout of ``param``: slices with the same
-        offset and length share pooled moments from one measurement to the next."""
+        offset and length share pooled moments from one measurement to the next. Local math
+        only (``guarded``: a failure is recorded, not raised)."""
+        self.guarded(self._add_coordinates, param, mean, sq_sum, offset)
+
+    def _add_coordinates(
+        self, param: TrackedParam, mean: torch.Tensor, sq_sum: torch.Tensor, offset: int
+    ) -> None:
         table = self._table()
         norm = param.norm
         dof = self.num_samples - 1
@@ -413,12 +528,13 @@ class MeasurementSession:
     def add_matrices(
         self,
         params: Sequence[TrackedParam],
-        local: Sequence[torch.Tensor],
-        mean: Sequence[torch.Tensor],
+        local: Sequence[torch.Tensor | None],
+        mean: Sequence[torch.Tensor | None],
     ) -> None:
         """Finish matrices from this rank's sample ``local[i]`` of ``params[i]`` and the mean
         ``mean[i]`` (full matrices, on every rank). A collective: every rank passes the same
-        ``params`` in the same order.
+        ``params`` in the same order, failed or not (None in ``local`` / ``mean``: this rank's
+        ``guarded`` copy of it failed; zeros are sent for it).
 
         sum_r (G_r - G)(G_r - G)^T is formed in float64 from deviations, so it is PSD with no
         cancellation; with a rounded mean G' it gains only n (G - G')(G - G')^T, second order.
@@ -439,15 +555,25 @@ class MeasurementSession:
     def _finish_matrices(
         self,
         params: list[TrackedParam],
-        local: Sequence[torch.Tensor],
-        mean: Sequence[torch.Tensor],
+        local: Sequence[torch.Tensor | None],
+        mean: Sequence[torch.Tensor | None],
         positions: list[int],
     ) -> None:
+        def deviation_triangle(
+            sample: torch.Tensor, centre: torch.Tensor, t: TrackedParam
+        ) -> torch.Tensor:
+            deviation = sample.reshape(t.shape).to(torch.float64, copy=True)
+            deviation -= centre.reshape(t.shape)  # in place: one float64 temporary
+            return gram_triangle(as_matrix(deviation))
+
         def triangles() -> Iterator[torch.Tensor]:
             for j, t in zip(positions, params, strict=True):
-                deviation = local[j].reshape(t.shape).to(torch.float64, copy=True)
-                deviation -= mean[j].reshape(t.shape)  # in place: one float64 temporary
-                yield gram_triangle(as_matrix(deviation))
+                sample, centre = local[j], mean[j]
+                triangle = None
+                if sample is not None and centre is not None:
+                    triangle = self.guarded(deviation_triangle, sample, centre, t)
+                # a failed rank still fills its part of the owners' reduce-scatter
+                yield triangle if triangle is not None else self._zeros(t.triangle_size)
 
         owned = reduce_to_owners(
             params,
@@ -456,12 +582,23 @@ class MeasurementSession:
             world_size=self.world_size,
             rank=self.rank,
             group=self.group,
-            device=local[positions[0]].device,
+            device=self.device,
         )
         for j, t in zip(positions, params, strict=True):
             if t.index in owned:
-                gram = triangle_to_gram(owned.pop(t.index), t.gram_size)
-                self.add_owned_matrix(t, gram, mean[j], centred=True)
+                self.guarded(self._finish_owned, t, owned.pop(t.index), mean[j], centred=True)
+
+    def _zeros(self, numel: int) -> torch.Tensor:
+        return torch.zeros(numel, dtype=torch.float64, device=self.device)
+
+    def _finish_owned(
+        self, param: TrackedParam, triangle: torch.Tensor, mean: torch.Tensor | None, *,
+        centred: bool,
+    ) -> None:  # fmt: skip
+        if mean is None:
+            raise RuntimeError(f"the mean of {param.name} is missing")  # a guarded copy failed
+        gram = triangle_to_gram(triangle, param.gram_size)
+        self._add_owned_matrix(param, gram, mean, centred=centred)
 
     def add_owned_matrix(
         self,
@@ -472,7 +609,14 @@ class MeasurementSession:
         centred: bool,
     ) -> None:
         """Owner: finish ``param`` from the summed Gram (of deviations when ``centred``, else of
-        the samples) and the mean gradient: two scalars into the table."""
+        the samples) and the mean gradient: two scalars into the table. Local math only
+        (``guarded``: a failure is recorded, not raised)."""
+        self.guarded(self._add_owned_matrix, param, gram_sum, mean_grad, centred=centred)
+
+    def _add_owned_matrix(
+        self, param: TrackedParam, gram_sum: torch.Tensor, mean_grad: torch.Tensor, *,
+        centred: bool,
+    ) -> None:  # fmt: skip
         inverse = self._unscale()
         mean = as_matrix(mean_grad.detach().reshape(param.shape)).to(torch.float64)
         if inverse != 1.0:
@@ -517,7 +661,12 @@ class SampleAccumulator:
         self._grams: dict[int, torch.Tensor] = {}
 
     def add(self, param: TrackedParam, grad: torch.Tensor) -> None:
-        """One sample of ``param``: its local gradient as a mean over ``sample_size`` examples."""
+        """One sample of ``param``: its local gradient as a mean over ``sample_size`` examples.
+        Local math (``session.guarded``): a failure is recorded, and ``flush`` still takes part
+        in every collective."""
+        self.session.guarded(self._add_sample, param, grad)
+
+    def _add_sample(self, param: TrackedParam, grad: torch.Tensor) -> None:
         i = param.index
         if param.norm == "nuclear":
             grad64 = grad.detach().reshape(param.shape).to(torch.float64)
@@ -551,7 +700,7 @@ class SampleAccumulator:
             sums = torch.zeros(start, dtype=torch.float32, device=device)
             squares = torch.zeros(start, dtype=torch.float32, device=device)
             for t, a, b in spans:  # a parameter without gradient here is a zero sample
-                if t.index in self._coord_sums:
+                if t.index in self._coord_sums and not s.failed:  # failed: zeros travel
                     sums[a:b] = self._coord_sums[t.index]
                     squares[a:b] = self._coord_squares[t.index]
             work, received, _packed, chunk = reduce_scatter_rows(
@@ -569,10 +718,14 @@ class SampleAccumulator:
             def triangles() -> Iterator[torch.Tensor]:
                 for t in matrices:
                     gram = self._grams.get(t.index)
-                    if gram is None:  # no gradient on this rank (unused parameter): zeros
-                        yield zeros(t.triangle_size)
-                    else:
-                        yield upper_triangle(gram)
+                    # no gradient on this rank (unused parameter), or its math failed: zeros
+                    triangle = None if gram is None else s.guarded(upper_triangle, gram)
+                    yield zeros(t.triangle_size) if triangle is None else triangle
+
+            def matrix_sums() -> Iterator[torch.Tensor]:
+                for t in matrices:
+                    total = None if s.failed else self._matrix_sums.get(t.index)
+                    yield zeros(t.shape.numel()) if total is None else total
 
             common = {"world_size": s.world_size, "rank": s.rank, "group": s.group}
             owned_grams = reduce_to_owners(
@@ -582,14 +735,18 @@ class SampleAccumulator:
             owned_sums = reduce_to_owners(
                 matrices,
                 [t.shape.numel() for t in matrices],
-                (self._matrix_sums.get(t.index, zeros(t.shape.numel())) for t in matrices),
+                matrix_sums(),
                 device=device,
                 **common,  # type: ignore[arg-type]
             )
+
+            def finish_owned(t: TrackedParam) -> None:
+                mean = owned_sums[t.index] / n
+                s._finish_owned(t, owned_grams[t.index], mean, centred=False)
+
             for t in matrices:
                 if t.index in owned_grams:
-                    gram = triangle_to_gram(owned_grams[t.index], t.gram_size)
-                    s.add_owned_matrix(t, gram, owned_sums[t.index] / n, centred=False)
+                    s.guarded(finish_owned, t)
         self._coord_sums.clear()
         self._coord_squares.clear()
         self._matrix_sums.clear()

@@ -11,6 +11,11 @@ controller gets nothing, the pool keeps none of its moments) and ``skipped_steps
 measurement with non-finite values is rejected by the controller (``controller.skipped``). Both
 follow from numbers every rank shares (the all-reduced gradient, the one all-reduce of the
 statistics), so every rank closes the step the same way.
+
+A failed measurement (an exception in one rank's measurement math) is no bad number: it raises
+``MeasurementError`` on every rank when the session finishes. Engines finish it before the
+optimizer applies the update (``finish_measurement``; the DeepSpeed capture finishes it in its
+boundary ``flush``), so no rank applies an update after a failure.
 """
 
 from __future__ import annotations
@@ -89,6 +94,15 @@ class StepCore(ControllerReadout):
     def measuring(self) -> bool:
         return self.session is not None and self.session.armed
 
+    def finish_measurement(self) -> None:
+        """Finish the armed measurement now, before the optimizer applies the update (a
+        collective; nothing on a step that does not measure): a failure on any rank raises
+        ``MeasurementError`` on every rank while no update is applied yet. ``close_step`` then
+        takes the estimate (it finishes a measurement still armed itself)."""
+        if self.measuring:
+            assert self.session is not None
+            self.session.finish()
+
     # -- the boundary --------------------------------------------------------------------------
     def close_step(self, *, applied: bool = True) -> BatchDecision:
         """Close the optimizer step just taken and arm the next one. ``applied=False``: the
@@ -96,8 +110,10 @@ class StepCore(ControllerReadout):
         not measured and the batch stays."""
         session = self.session
         # finished on every rank even when skipped: the collectives stay matched if ranks were
-        # ever to disagree on the skip (the consistency check then names it)
-        estimate = session.finish() if self.measuring else None  # type: ignore[union-attr]
+        # ever to disagree on the skip (the consistency check then names it). An engine that
+        # finished it before the optimizer update (``finish_measurement``) left the estimate in
+        # the session; a rank's failed measurement raised there, on every rank.
+        estimate = session.take_estimate() if session is not None else None
         if session is not None:
             session.settle_pool(applied and estimate is not None and estimate.is_finite)
         if not applied:
@@ -197,6 +213,7 @@ class StepCore(ControllerReadout):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.config.check_resume(state.get("config"))  # refuses estimator-defining changes
         self.controller.load_state_dict(state["controller"])
         self.skipped_steps = int(state.get("skipped_steps", 0))  # absent before it existed
         if self.session is not None and "pool" in state:
