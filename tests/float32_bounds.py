@@ -75,8 +75,11 @@ class Float32Bound:
     def __init__(self, target_dof: float | None = None, *, unit: float = U32) -> None:
         #: unit roundoff of the arithmetic (and of the samples, where they were rounded)
         self.unit = unit
+        #: error bounds pooled with the same weights as the reference pool's entries
         self.errors = MomentPool(target_dof=target_dof) if target_dof is not None else None
         self.measurements = 0
+        #: shape-and-level mode: (shape, error) per entry as pooled BEFORE this measurement
+        self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def step(
         self,
@@ -86,16 +89,17 @@ class Float32Bound:
         pool: MomentPool | None = None,
     ) -> Tolerance:
         n, b = len(samples), sample_size
+        u = self.unit
         self.measurements += 1
         layers: dict[str, tuple[float, float]] = {}
         root_err = root_total = 0.0  # l1 / nuclear: sums of dual norms, before squaring
         sq_err = sq_total = 0.0  # l2: sums of squared terms
         signal_root_err = signal_root = 0.0
         signal_sq_err = signal_sq = 0.0
-        # pooled parts per kind: every entry is updated with the same weights, so the stored
-        # (not bias-corrected) EMAs of all layers share one scale and can be summed
-        pooled_err = {"l1": 0.0, "nuclear": 0.0}
-        pooled_root = {"l1": 0.0, "nuclear": 0.0}
+        # what the pooled noise is made of, per entry: (kind, error bound of its moment, raw
+        # root, raw root error); nuclear's moment error is the trace of its perturbation
+        entries: dict[str, tuple[str, torch.Tensor, float, float]] = {}
+        trace = trace_err = 0.0
         for name, norm in norms.items():
             if norm is None:
                 continue
@@ -108,33 +112,28 @@ class Float32Bound:
                 rows = mean.shape[0]
                 dev = mats - mean
                 cov = b / (n - 1) * torch.einsum("sij,skj->ik", dev, dev)
-                trace = float(torch.linalg.eigvalsh(cov).clamp_min(0).sqrt().sum())
+                root = float(torch.linalg.eigvalsh(cov).clamp_min(0).sqrt().sum())
                 nuclear = float(torch.linalg.svdvals(mean).sum())
-                rounding = self.unit * float(mats.abs().sum(0).norm())  # ||D||_F
-                noise_e = math.sqrt(b * n * rows / (n - 1)) * rounding + 1e-12 * trace
+                rounding = u * float(mats.abs().sum(0).norm())  # ||D||_F
+                perturbation = b * n / (n - 1) * rounding**2  # tr of b n/(n-1) D D^T
+                noise_e = math.sqrt(rows * perturbation) + 1e-12 * root
                 signal_e = math.sqrt(rows) * rounding + 1e-12 * nuclear
-                layers[name] = (_squared(noise_e / trace) if trace else 0.0,
+                layers[name] = (_squared(noise_e / root) if root else 0.0,
                                 _squared(signal_e / nuclear) if nuclear else 0.0)  # fmt: skip
-                root_err, root_total = root_err + noise_e, root_total + trace
+                root_err, root_total = root_err + noise_e, root_total + root
                 signal_root_err, signal_root = signal_root_err + signal_e, signal_root + nuclear
-                if pool is not None and self.errors is not None:
-                    e_trace = b * n / (n - 1) * rounding**2  # tr of the perturbation
-                    # stored EMAs (not bias-corrected) of the same weights: comparable
-                    self.errors.update(name, torch.tensor([e_trace], dtype=torch.float64), n - 1)
-                    pooled_e = float(self.errors.value(name))
-                    pooled_cov = pool.value(name).double()  # the reference pools C whole
-                    t = float(torch.linalg.eigvalsh(pooled_cov).clamp_min(0).sqrt().sum())
-                    pooled_err["nuclear"] += math.sqrt(rows * pooled_e) + 1e-12 * t
-                    pooled_root["nuclear"] += t
+                entries[name] = ("nuclear", torch.tensor([perturbation]), root, noise_e)
+                trace += float(cov.diagonal().sum())
+                trace_err += perturbation
                 continue
             flat = stack.reshape(n, -1)
             count = flat.shape[1]
             g = flat.mean(0)
             squares = flat.square().sum(0)
             variance = b / (n - 1) * (flat - g).square().sum(0)
-            var_err = b / (n - 1) * (6 * n + 4) * self.unit * squares
-            sum_u = (math.log2(max(count, 1)) + 2) * self.unit
-            g_err = self.unit * flat.abs().sum(0)  # the reduced mean's rounding
+            var_err = b / (n - 1) * (6 * n + 4) * u * squares
+            sum_u = (math.log2(max(count, 1)) + 2) * u
+            g_err = u * flat.abs().sum(0)  # the reduced mean's rounding
             if norm == "l2":
                 noise = float(variance.sum())
                 noise_e = float(var_err.sum()) + sum_u * noise
@@ -153,29 +152,80 @@ class Float32Bound:
                             _squared(signal_e / l1) if l1 else 0.0)  # fmt: skip
             root_err, root_total = root_err + noise_e, root_total + root
             signal_root_err, signal_root = signal_root_err + signal_e, signal_root + l1
-            if pool is not None and self.errors is not None:
-                self.errors.update(name, var_err, n - 1)
-                # stored EMAs (not bias-corrected) of the same weights: comparable
-                stored_err = self.errors.value(name)
-                stored = pool.value(name).double().reshape(-1)
-                stored_err = stored_err + 3 * self.measurements * self.unit * stored.abs()
-                s_root = float(stored.clamp_min(0).sqrt().sum())
-                pooled_err["l1"] += _sqrt_sum_error(stored, stored_err) + sum_u * s_root
-                pooled_root["l1"] += s_root
+            entries[name] = ("l1", var_err, root, noise_e)
+            trace += float(variance.sum())
+            trace_err += float(var_err.sum())
         if sq_total:  # l2
             noise_rel = sq_err / sq_total
             signal_rel = signal_sq_err / signal_sq if signal_sq else 0.0
         else:
             noise_rel = _squared(root_err / root_total) if root_total else 0.0
             signal_rel = _squared(signal_root_err / signal_root) if signal_root else 0.0
-        # l1's part is divided by c4 of the pool's dof, nuclear's is not: bound each kind apart
-        pooled_rel = max(
-            (pooled_err[k] / pooled_root[k] for k in pooled_root if pooled_root[k] > 0),
-            default=0.0,
-        )
+        pooled_rel = 0.0
+        if pool is not None and self.errors is not None and entries:
+            pooled_rel = self._pooled(pool, entries, n, trace, trace_err)
         return Tolerance(
             noise=SAFETY * noise_rel,
             signal=SAFETY * signal_rel,
             pooled_noise=SAFETY * _squared(pooled_rel),
             layers={k: (SAFETY * a, SAFETY * s) for k, (a, s) in layers.items()},
         )
+
+    def _pooled(
+        self,
+        pool: MomentPool,
+        entries: Mapping[str, tuple[str, torch.Tensor, float, float]],
+        n: int,
+        trace: float,
+        trace_err: float,
+    ) -> float:
+        """Relative error bound of the pooled noise's root. Moment mode: the reference pool's
+        stored EMAs of this measurement on, with error bounds EMA-ed alike. Shape-and-level
+        mode: the shapes pooled before this measurement (fresh entries: this measurement's own
+        part), plus the level's and the trace's relative error."""
+        assert self.errors is not None
+        u = self.unit
+        # each kind apart: the l1 part carries c4 of the pool's dof, nuclear's does not; fresh
+        # parts are in other units than pooled shapes: bound each group and take the largest
+        err: dict[tuple[str, bool], float] = {}
+        tot: dict[tuple[str, bool], float] = {}
+        level_mode = pool.level_beta is not None
+        for name, (kind, moment_err, raw_root, raw_err) in entries.items():
+            if level_mode:
+                before = self._before.get(name)
+                if before is None:  # fresh: this measurement's own part
+                    e, r, group = raw_err, raw_root, (kind, True)
+                else:
+                    e, r = _stored_error(kind, *before, self.measurements, u)
+                    group = (kind, False)
+                self.errors.update(name, moment_err / trace if trace > 0 else moment_err, n - 1)
+                self._before[name] = (pool.value(name).double().clone(),
+                                      self.errors.value(name).clone())  # fmt: skip
+            else:
+                self.errors.update(name, moment_err, n - 1)
+                e, r = _stored_error(kind, pool.value(name).double(), self.errors.value(name),
+                                     self.measurements, u)  # fmt: skip
+                group = (kind, False)
+            err[group] = err.get(group, 0.0) + e
+            tot[group] = tot.get(group, 0.0) + r
+        rel = max((err[k] / tot[k] for k in tot if tot[k] > 0), default=0.0)
+        if level_mode and trace > 0:
+            rel += trace_err / trace  # sqrt(level) and, for fresh parts, sqrt(1 / trace)
+        return rel
+
+
+def _stored_error(
+    kind: str, stored: torch.Tensor, stored_err: torch.Tensor, measurements: int, u: float
+) -> tuple[float, float]:
+    """(error bound, value) of an entry's root from its stored EMA and EMA-ed error bound
+    (the same weights, so comparable whatever their common scale)."""
+    if kind == "nuclear":
+        # the pooled perturbation's trace bounds its sqrt-trace through Cauchy-Schwarz
+        rows = stored.shape[0]
+        root = float(torch.linalg.eigvalsh(stored).clamp_min(0).sqrt().sum())
+        return math.sqrt(rows * float(stored_err.sum())) + 1e-12 * root, root
+    stored = stored.reshape(-1)
+    stored_err = stored_err + 3 * measurements * u * stored.abs()  # float32 EMA updates
+    root = float(stored.clamp_min(0).sqrt().sum())
+    sum_u = (math.log2(max(stored.numel(), 1)) + 2) * u
+    return _sqrt_sum_error(stored, stored_err) + sum_u * root, root

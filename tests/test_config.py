@@ -17,6 +17,9 @@ BAD_VALUES = [
     ("pool_dof", 0.0),
     ("pool_dof", float("nan")),
     ("pool_dof", 1e7),
+    ("level_beta", 1.0),
+    ("level_beta", -0.1),
+    ("level_beta", "0.8"),
     ("sqrt_trace_method", "svd"),
     ("sqrt_trace_tol", 0.0),
     ("sqrt_trace_tol", 1.5),
@@ -131,7 +134,7 @@ def test_check_resume_refuses_estimator_defining_fields_and_allows_the_rest():
     cfg = GNSConfig(norm="l1", max_batch_size=64)
     changed = {
         "norm": "nuclear", "bias_correction": False, "pool_moments": False, "pool_dof": 10.0,
-        "ema_beta_noise": 0.5, "ema_beta_signal": 0.5,
+        "ema_beta_noise": 0.5, "ema_beta_signal": 0.5, "level_beta": None,
     }  # fmt: skip
     assert set(changed) == set(RESUME_FIXED)
     for field, value in changed.items():

@@ -48,6 +48,8 @@ def _valid(field: str, value: Any) -> bool:
         return (is_float or is_int) and 0 < value <= 1e6
     if field in ("ema_beta_noise", "ema_beta_signal"):
         return (is_float or is_int) and 0 <= value < 1
+    if field == "level_beta":  # None: pool the moments themselves
+        return value is None or ((is_float or is_int) and 0 <= value < 1)
     if field == "warmup_samples":
         return is_int and 0 <= value <= MAX_COUNT
     if field == "interval":

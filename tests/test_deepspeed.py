@@ -84,7 +84,7 @@ def _equality(rank, world, stage, norm):
     plugin = engine.nongns
     reference = _model()
     kinds = {t.name: t.norm for t in plugin.plan.params}
-    pool = MomentPool(target_dof=plugin.config.pool_dof)
+    pool = MomentPool.for_config(plugin.config)
     bound = Float32Bound(plugin.config.pool_dof)
     errors = []
     for step in range(2):

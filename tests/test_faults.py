@@ -105,7 +105,7 @@ def test_one_process_grad_scaler_unscaled_and_overflow_closed_once():
     monitor = attach(module, cfg, opt, micro_batch_size=MICRO, accumulation_steps=2,
                      grad_scaler=scaler)  # fmt: skip
     names = [t.name for t in monitor.plan.params]
-    pool = MomentPool(target_dof=cfg.pool_dof)
+    pool = MomentPool.for_config(cfg)
     bound = Float32Bound(cfg.pool_dof)
     scales = []
     for step in range(3):
@@ -166,7 +166,7 @@ def _ddp_scaler_worker(rank, world_size, norm):
     monitor = attach(ddp, cfg, opt, micro_batch_size=MICRO, accumulation_steps=2,
                      grad_scaler=scaler)  # fmt: skip
     names = [t.name for t in monitor.plan.params]
-    pool = MomentPool(target_dof=cfg.pool_dof)
+    pool = MomentPool.for_config(cfg)
     bound = Float32Bound(cfg.pool_dof)
     out = {"errors": [], "scales": []}
     for step in range(3):
@@ -316,7 +316,7 @@ def _ds_fp16_worker(rank, world_size, stage):
     engine, *_ = nds.initialize(model=model, model_parameters=model.parameters(), config=config)
     plugin = engine.nongns
     names = [t.name for t in plugin.plan.params]
-    pool = MomentPool(target_dof=plugin.config.pool_dof)
+    pool = MomentPool.for_config(plugin.config)
     # fp16 gradients against a float64 recompute: the bound at fp16's unit roundoff
     bound = Float32Bound(plugin.config.pool_dof, unit=2.0**-11)
     reference.double()

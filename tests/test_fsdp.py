@@ -112,7 +112,7 @@ def _equality_worker(rank, world_size, norm, acc, options):
                     check_consistency=True)  # fmt: skip
     monitor = attach(model, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
     norms = {t.name: t.norm for t in monitor.plan.params}
-    pool = MomentPool(target_dof=cfg.pool_dof)
+    pool = MomentPool.for_config(cfg)
     bound = Float32Bound(cfg.pool_dof)
     results = []
     dtype = torch.bfloat16 if options.get("bf16") else torch.float32

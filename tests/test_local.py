@@ -24,7 +24,7 @@ def _run(norm: str, acc: int, steps: int = 3, **config):
     cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False, layer_breakdown=True, **config)
     monitor = attach(module, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
     norms = {t.name: t.norm for t in monitor.plan.params}
-    pool = MomentPool(target_dof=cfg.pool_dof)
+    pool = MomentPool.for_config(cfg)
     bound = Float32Bound(cfg.pool_dof)
     results = []
     for step in range(steps):

@@ -66,9 +66,11 @@ from nongns_dist.estimators import (
     finish,
     mean_signal,
     noise_from_variance,
-    pooled_noise_part,
+    pool_moment,
+    pooled_root,
     sample_covariance,
     sample_variance,
+    settle,
     signal_part,
 )
 from nongns_dist.norms import as_matrix, sqrt_trace
@@ -158,7 +160,8 @@ class MeasurementSession:
         self.failure: Exception | None = None
         #: The estimate ``finish`` produced, until ``take_estimate`` hands it to the driver.
         self._estimate: GNSEstimate | None = None
-        #: Columns: noise and signal of this measurement, noise of the pooled moments.
+        #: Columns: noise and signal of this measurement; the pooled noise's parts
+        #: (``estimators.pool_moment``: pooled moments or shapes, fresh entries, traces).
         self._partial: torch.Tensor | None = None
         #: Second moments pooled over measurements (``config.pool_moments``): this rank's l1
         #: coordinates and the matrices it owns. Keys: (param index, first coordinate, count) of
@@ -166,7 +169,9 @@ class MeasurementSession:
         #: l2 (the Euclidean noise scale) is linear in the moments: pooling would change only
         #: the smoothing, so it keeps the paper's EMA of the noise (no pool).
         pooled = config.pool_moments and plan.norm != "l2"
-        self.pool = MomentPool(target_dof=config.pool_dof) if pooled else None
+        self.pool = MomentPool.for_config(config) if pooled else None
+        #: This measurement's total trace (sum of every measured variance), for ``settle_pool``.
+        self._trace = 0.0
         self._slices: dict[int, list[tuple[int, int, int]]] = {}
         self._touched: set[Hashable] = set()  # pool entries this measurement updated
         #: The loss scale of the armed step's backward (None: gradients are not scaled).
@@ -219,10 +224,10 @@ class MeasurementSession:
         if self.num_samples < 2:
             self._partial = None
             return False
-        if self.pool is not None and self.loss_scale is not None:
-            self.pool.stage()
+        if self.pool is not None and self.pool.level_beta is None and self.loss_scale is not None:
+            self.pool.stage()  # (shape-and-level mode holds every measurement until settled)
         self._partial = torch.zeros(
-            len(self.plan.params), 3, dtype=torch.float64, device=self.device
+            len(self.plan.params), 5, dtype=torch.float64, device=self.device
         )
         return True
 
@@ -256,10 +261,7 @@ class MeasurementSession:
         """After ``finish``: keep the measurement's staged pool updates, or drop them (a step
         the loss scaler skipped, a non-finite estimate). A no-op when nothing was staged."""
         if self.pool is not None:
-            if keep:
-                self.pool.commit()
-            else:
-                self.pool.rollback()
+            settle(self.pool, self._trace, keep)
 
     def _unscale(self) -> float:
         """1 / the loss scale of this step's backward (1.0 without scaling)."""
@@ -297,7 +299,10 @@ class MeasurementSession:
         noise, signal = finish(float(totals[0]), float(totals[1]), self.plan.norm)
         pooled_noise = None
         if self.pool is not None:
-            pooled_noise = finish(float(totals[2]), 0.0, self.plan.norm)[0]
+            self._trace = float(totals[4])
+            pooled_noise = finish(
+                pooled_root(self.pool, totals[2:5].tolist()), 0.0, self.plan.norm
+            )[0]
         layers = None
         if self.config.layer_breakdown:
             layers = {
@@ -391,10 +396,16 @@ class MeasurementSession:
                 "pool restarts (it reads low until it holds pool_dof degrees of freedom)",
                 self.rank, self.world_size, where,
             )  # fmt: skip
-            self.pool = MomentPool(target_dof=self.config.pool_dof)
+            self.pool = MomentPool.for_config(self.config)
             self._slices = {}
             return False
-        self.pool.load_state_dict(state, self.device)
+        try:
+            self.pool.load_state_dict(state, self.device)
+        except ValueError as error:  # moments vs shapes (level_beta): they cannot continue
+            logger.warning("nongns_dist: the pool restarts: %s", error)
+            self.pool = MomentPool.for_config(self.config)
+            self._slices = {}
+            return False
         self._slices = {}
         for key in self.pool.entry_keys():
             if isinstance(key, tuple) and len(key) == 3:  # a coordinate slice
@@ -411,20 +422,24 @@ class MeasurementSession:
                 continue
             param = self.plan.params[key[0]]  # type: ignore[index]
             zero = torch.zeros_like(self.pool.value(key))
-            pooled, dof, floor = self.pool.update(key, zero, self.num_samples - 1)
-            self._add_pooled(table, param, pooled, dof, floor)
+            self._pool(table, param, key, zero, self.num_samples - 1, 0.0, trace=0.0)
 
-    def _add_pooled(
-        self, table: torch.Tensor, param: TrackedParam, pooled: torch.Tensor, dof: float,
-        floor: float,
+    def _pool(
+        self, table: torch.Tensor, param: TrackedParam, key: Hashable, moment: torch.Tensor,
+        dof: float, floor: float, *, trace: torch.Tensor | float,
     ) -> None:  # fmt: skip
-        if param.norm == "nuclear":  # the pool keeps the upper triangle: half the state
-            pooled = triangle_to_gram(pooled, param.gram_size)
+        """This measurement's ``moment`` of pool entry ``key`` into the pool and its parts of
+        the pooled noise into ``param``'s row (the nuclear pool keeps the upper triangle)."""
+        assert self.pool is not None
+        size = param.gram_size
+        parts = pool_moment(
+            self.pool, key, moment, param.norm, dof, floor, trace=trace,
+            unpack=(lambda tri: triangle_to_gram(tri, size)) if param.norm == "nuclear" else None,
+            method=self.config.sqrt_trace_method, tol=self.config.sqrt_trace_tol,
+            bias_correction=self.config.bias_correction,
+        )  # fmt: skip
         row = table[param.index]
-        row[2] += pooled_noise_part(
-            pooled, param.norm, dof, floor, method=self.config.sqrt_trace_method,
-            tol=self.config.sqrt_trace_tol, bias_correction=self.config.bias_correction,
-        ).to(row)  # fmt: skip
+        row[2:5] += parts.to(row)
 
     def _table(self) -> torch.Tensor:
         if self._partial is None:
@@ -464,7 +479,7 @@ class MeasurementSession:
             if self.pool is not None:  # l1 (l2 is never pooled)
                 key = self._slice_key(param.index, offset + start, end - start)
                 self._touched.add(key)
-                self._add_pooled(table, param, *self.pool.update(key, var, dof))
+                self._pool(table, param, key, var, dof, 0.0, trace=var.sum())
 
     def _slice_key(self, index: int, first: int, count: int) -> tuple[int, int, int]:
         """Pool key of a slice; a slice that overlaps another of the same parameter (a backend
@@ -633,8 +648,15 @@ class MeasurementSession:
         if self.pool is not None:
             key = (param.index,)
             self._touched.add(key)
-            pooled = self.pool.update(key, upper_triangle(cov), self.num_samples - 1, floor=floor)
-            self._add_pooled(self._table(), param, *pooled)
+            self._pool(
+                self._table(),
+                param,
+                key,
+                upper_triangle(cov),
+                self.num_samples - 1,
+                floor,
+                trace=cov.diagonal().sum(),
+            )
 
 
 class SampleAccumulator:
