@@ -25,7 +25,9 @@ from .test_train import TINY, TORCHRUN, TRAIN, _records, _run
 
 #: Signum grows the batch 4 -> 8 at step 9 and 8 -> 12 at step 11 (theta 0.5): a checkpoint
 #: every 5 steps puts step 10 between two changes.
-LONG = [*TINY, "--theta", "0.5", "--max-batch", "32", "--sample-budget", "320"]
+# theta and interval put a batch change on each side of the step-10 checkpoint (4 -> 8 at step
+# 9, 8 -> 12 at step 11; checked in test_resume_continues_the_uninterrupted_run)
+LONG = [*TINY, "--theta", "0.55", "--interval", "1", "--max-batch", "32", "--sample-budget", "320"]
 EVERY = ["--checkpoint-every", "5", "--keep-checkpoints", "0"]
 
 
@@ -95,17 +97,18 @@ def test_resume_continues_the_uninterrupted_run(
 ) -> None:
     reference = _records(reference_runs[engine])
     batches = {r["step"]: r["batch_size"] for r in reference}
-    assert batches[9] < batches[10] < batches[12], "a batch change before and after step 10"
+    assert batches[8] < batches[10] < batches[12], "a batch change before and after step 10"
     out = tmp_path / "resumed"
     resume = ["--resume", str(_step_dir(reference_runs[engine], 10)), "--engine", engine]
     resume += ["--checkpoint-every", "5"]
     result = _torchrun(2, _flags(corpus_dir, *resume), out)
-    assert "resumed from" in result.stdout and "at step 10, batch 8" in result.stdout
+    # the batch the resumed run continues with: the one step 11 ran with
+    assert "resumed from" in result.stdout and f"at step 10, batch {batches[11]}" in result.stdout
     # metrics.jsonl: the checkpoint run's records up to step 10, then this run's
     _assert_same_records(_records(out), reference)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_val_loss"] == reference[-1]["val_loss"]
-    assert summary["batch_trajectory"] == [[0, 4], [9, 8], [11, 12]] == _trajectory(reference)
+    assert summary["batch_trajectory"] == [[0, 4], [8, 8], [10, 12]] == _trajectory(reference)
     # --keep-checkpoints 2 (the default): the last two of this run, the end included
     kept = checkpoints.complete_checkpoints(out / "checkpoints")
     last_multiple = (summary["steps"] - 1) // 5 * 5
