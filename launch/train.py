@@ -205,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gns.add_argument(
         "--estimator",
-        choices=("pooled", "paper"),
+        choices=("pooled", "moments", "paper"),
         default="pooled",
-        help="pooled: second moments pooled over measurements, l1 with c4 (the library's "
-        "default); paper: each measurement's noise, no c4, EMA of the noise (arXiv 2602.03001)",
+        help="pooled: the shapes of the second moments pooled over measurements, their level "
+        "from a short EMA, l1 with c4 (the library's default); moments: the moments themselves "
+        "pooled (the previous default, which lags in a live run: level_beta=None); paper: each "
+        "measurement's noise, no c4, EMA of the noise (arXiv 2602.03001)",
     )
     gns.add_argument("--interval", type=int, default=10, help="measure every N optimizer steps")
     gns.add_argument(
@@ -539,8 +541,9 @@ def gns_config(args: argparse.Namespace) -> GNSConfig:
         initial_batch_size=args.start_batch,
         max_batch_size=args.max_batch or None,
         lr_scaling=args.lr_scaling,
-        pool_moments=args.estimator == "pooled",
-        bias_correction=args.estimator == "pooled",
+        pool_moments=args.estimator != "paper",
+        bias_correction=args.estimator != "paper",
+        level_beta=None if args.estimator == "moments" else GNSConfig.level_beta,
     )
 
 
