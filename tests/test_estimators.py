@@ -371,9 +371,7 @@ def _synthetic_measurements(n, measurements, seed=0, noise_scale=lambda j: 1.0):
 
     population = {"nuclear": float(eig.sqrt().sum()) ** 2, "l1": float(sigma.sum()) ** 2}
     # noise_scale(j): the noise's standard deviations at measurement j (its noise: squared)
-    return population, (
-        [sample(noise_scale(j)) for _ in range(n)] for j in range(measurements)
-    )
+    return population, ([sample(noise_scale(j)) for _ in range(n)] for j in range(measurements))
 
 
 def _mean_readings(n, norm, pooled, measurements=240):
@@ -409,9 +407,8 @@ def test_pooled_noise_follows_a_tenfold_change_within_twenty_measurements(norm, 
             )
             norms = {"w": "nuclear", "v": None} if norm == "nuclear" else {"w": None, "v": "l1"}
             pool = MomentPool.for_config(config)
-            for est in (estimate_gns(s, 4, norms, pool=pool) for s in draws):
-                pass
-            values.append(est.pooled_noise / (population[norm] * direction))
+            estimates = [estimate_gns(s, 4, norms, pool=pool) for s in draws]
+            values.append(estimates[-1].pooled_noise / (population[norm] * direction))
         readings[label] = sum(values) / len(values)
     assert readings["shape"] == pytest.approx(1.0, abs=0.2), readings
     assert abs(readings["moments"] - 1.0) > 0.3, readings  # what the change fixes
