@@ -255,6 +255,12 @@ class _EventSink:
 
 
 def _builtin_muon_and_logging(rank, world):
+    # DeepSpeed's Muon torch.compile's its Newton-Schulz; on CPUs inductor's generated code was
+    # not reliable across kernel paths (measured: with ATen's AVX2 kernels every step came out
+    # non-finite, in plain DeepSpeed too; a standalone call aborted with heap corruption under
+    # AVX-512). What is tested here is the plugin's geometry and events, so run it eagerly: the
+    # same math.
+    torch._dynamo.config.disable = True
     with open(os.path.join(ROOT, "ds_configs", "zero2_muon.json")) as f:
         config = json.load(f)
     config.update(train_micro_batch_size_per_gpu=MICRO, gradient_accumulation_steps=2)
