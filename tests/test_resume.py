@@ -31,6 +31,14 @@ LONG = [*TINY, "--theta", "0.55", "--interval", "1", "--max-batch", "32", "--sam
 EVERY = ["--checkpoint-every", "5", "--keep-checkpoints", "0"]
 
 
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test in a directory of its own: train.py's default --out (runs/...) is relative to
+    the working directory, and a newcomer's checkout holds the README's main job there (a
+    finished run's checkpoints, which a fresh start beside them must refuse)."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _flags(corpus_dir: Path, *extra: str) -> list[str]:
     return [*LONG, "--corpus-dir", str(corpus_dir), *extra]
 

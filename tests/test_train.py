@@ -34,6 +34,14 @@ COMPARED = [*TINY, "--optimizer", "sgd", "--theta", "0.1", "--eval-batches", "3"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 
 
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test in a directory of its own: train.py's default --out (runs/...) is relative to
+    the working directory, and a newcomer's checkout holds the README's main job there (a
+    finished run's checkpoints, which a fresh start beside them must refuse)."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _run(
     command: list[str], cwd: Path, timeout: float = 120, **env_extra: str
 ) -> subprocess.CompletedProcess:
