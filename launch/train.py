@@ -207,10 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--estimator",
         choices=("pooled", "moments", "paper"),
         default="pooled",
-        help="pooled: the shapes of the second moments pooled over measurements, their level "
-        "from a short EMA, l1 with c4 (the library's default); moments: the moments themselves "
-        "pooled (the previous default, which lags in a live run: level_beta=None); paper: each "
-        "measurement's noise, no c4, EMA of the noise (arXiv 2602.03001)",
+        help="pooled: the level from a short EMA of each measurement's own noise, only the "
+        "square root's bias from moments pooled over measurements, l1 with c4 (the library's "
+        "default); moments: the moments themselves pooled (an earlier default, which lags in a "
+        "live run: level_beta=None); paper: each measurement's noise, no c4, EMA of the noise "
+        "(arXiv 2602.03001)",
     )
     gns.add_argument("--interval", type=int, default=10, help="measure every N optimizer steps")
     gns.add_argument(

@@ -74,16 +74,20 @@ class GNSConfig:
     #: Degrees of freedom the pooled moments settle at (each square root then reads about as if
     #: from pool_dof + 1 samples). A measurement of n samples enters with EMA weight
     #: 2(n-1) / (pool_dof + n - 1), so the pool remembers about pool_dof / (2(n-1))
-    #: measurements: 50 at n = 2, 7 at n = 8. ``ema_beta_noise`` is not used for pooled noise.
-    pool_dof: Annotated[float, Field(gt=0.0, le=1e6)] = 100.0
-    #: Pool the SHAPE of the moments and track their LEVEL apart (``MomentPool``'s
-    #: shape-and-level mode): each measurement's moments are divided by their total trace (the
-    #: sum of every measured variance, all-reduced) before pooling, and the trace enters an
-    #: EMA of this coefficient; the pooled noise is level x shape. The trace is linear in the
-    #: moments (unbiased from any n), so its short memory tracks a live run, while the square
-    #: roots keep the shapes' pool_dof degrees of freedom: a 10x change of the noise is within
-    #: 10% after 20 measurements at 0.8 (0.8^20 x 10 = 0.12). ``None``: pool the moments
-    #: themselves (the previous estimator; it lags by ~pool_dof / (2(n-1)) measurements).
+    #: measurements: 25 at n = 2, 4 at n = 8. ``ema_beta_noise`` is not used for pooled noise.
+    #: In a live run more degrees of freedom remove more of the square root's bias but mix
+    #: older moment shapes into it (the bias ratio then reads high); 50 balanced the two in the
+    #: main job (BENCHMARKS.md "Estimator tracking").
+    pool_dof: Annotated[float, Field(gt=0.0, le=1e6)] = 50.0
+    #: The acted-on noise tracks a live run: its LEVEL is an EMA of this coefficient of each
+    #: measurement's own root (the noise before squaring), and only the BIAS of that root at
+    #: this n (it reads low: a square root of n - 1 degrees of freedom) comes from the long
+    #: pool, as the ratio of the root of the pooled moment shapes (moments / their all-reduced
+    #: total trace) to the pooled roots of the same measurements (``MomentPool``'s
+    #: level-and-bias mode). A 10x change of the noise is within 10% after 20 measurements at
+    #: 0.8 (0.8^20 x 10 = 0.12); the pool restarts at the end of ``warmup_samples``, so no
+    #: warm-up shape biases the ratio. ``None``: pool the moments themselves (the earlier
+    #: estimator; it lags by ~pool_dof / (2(n-1)) measurements).
     level_beta: Beta | None = 0.8
     #: How the nuclear-norm estimate takes tr(C^{1/2}): LAPACK ``eigh`` or a matmul-only
     #: coupled Newton-Schulz iteration (faster on accelerators, see BENCHMARKS.md).

@@ -291,30 +291,36 @@ def pool_moment(
     return out
 
 
-def pooled_root(pool: MomentPool, parts: Sequence[float]) -> float:
-    """The pooled noise before squaring, from ``pool_moment``'s three sums: in moment mode the
-    first; in shape-and-level mode sqrt(level) x (shape parts) + sqrt(level / T) x (fresh
-    parts), with T this measurement's total trace and the level including it."""
+def pooled_root(pool: MomentPool, root: float, parts: Sequence[float]) -> float:
+    """The pooled noise before squaring. ``root``: this measurement's own noise before
+    squaring (the summed noise parts); ``parts``: ``pool_moment``'s three sums. In moment mode
+    the first part. In level-and-bias mode the level (a short EMA of the measurements' roots,
+    this one included) x the bias ratio S / D: S is the root of the pooled SHAPES (shape
+    parts, plus each fresh entry's part over sqrt(T), T this measurement's total trace), D the
+    EMA, with the shapes' weights, of each measurement's root / sqrt(T) (this one's when the
+    pool holds none yet, so a first measurement reads as itself)."""
     shaped, fresh, trace = (float(x) for x in parts)
     if pool.level_beta is None:
         return shaped
-    level = pool.level_after(trace)
-    root = shaped * math.sqrt(max(level, 0.0))
-    if fresh:
-        root += fresh * math.sqrt(level / trace) if trace > 0 else 0.0
-    return root
+    level = pool.level_after(root)
+    if not trace > 0:
+        return level
+    shape = shaped + fresh / math.sqrt(trace)
+    base = pool.base_before(root / math.sqrt(trace))
+    return level * shape / base if base > 0 else level
 
 
-def settle(pool: MomentPool, trace: float, keep: bool) -> None:
+def settle(pool: MomentPool, trace: float, root: float, dof: float, keep: bool) -> None:
     """End a measurement in the pool: keep it (moment mode: commit a staged update;
-    shape-and-level mode: fold the held moments, normalised by ``trace``) or drop it."""
+    level-and-bias mode: fold the held moments, normalised by ``trace``, and the measurement's
+    ``root`` with its ``dof``) or drop it."""
     if pool.level_beta is None:
         if keep:
             pool.commit()
         else:
             pool.rollback()
     elif keep:
-        pool.close(trace)
+        pool.close(trace, root, dof)
     else:
         pool.drop()
 
@@ -363,19 +369,28 @@ class MomentPool:
     (an fp16 overflow found by the loss scaler): the cost is one more copy of each updated entry
     until the step closes.
 
-    Shape-and-level mode (``level_beta`` set; the library's default, ``GNSConfig.level_beta``):
+    Level-and-bias mode (``level_beta`` set; the library's default, ``GNSConfig.level_beta``):
     pooling absolute moments makes the pooled noise LAG in a live run (a fresh model's noise is
-    ~40x the later level and stayed in the pool for hundreds of measurements). The square roots
-    need many degrees of freedom, but only for the SHAPE of the moments (how the variance is
-    spread over coordinates and eigen-directions), which moves slowly; the LEVEL (the total
-    trace T = sum of every measured variance) is linear in the moments, so a short EMA of it is
-    unbiased at any n and tracks quickly. So each measurement's moments are divided by its own
-    T (all-reduced: one scalar for the whole model, so the result does not depend on how the
-    entries are sliced over ranks) and pooled as shapes with the weights above, while T enters
-    an EMA of coefficient ``level_beta`` (0.8: a 10x drop is within 10% after 20
-    measurements). An entry's pooled moment is level x shape. A measurement reads the shapes
-    pooled BEFORE it (they are folded in by ``close(T)`` once T is known, after the one
-    all-reduce); ``add`` holds the moments until then, ``drop`` / ``rollback`` forget them.
+    ~40x the later level and stayed in the pool for hundreds of measurements), and pooling
+    moment SHAPES (moments / their total trace) lags too: in the main job the l1 noise grows
+    4.5x from 25% to 100% of the run while the trace stays flat, so what moves is the shape.
+    What a long pool is needed for is only the BIAS of the square root at this n (a root of
+    n - 1 degrees of freedom reads low: l1 with c4 ~0.75 of the population at n = 2 on heavy-
+    tailed gradients, nuclear ~0.4), and that bias moves slowly. So the pooled root is
+
+        level x S / D
+
+    with the level a short EMA (coefficient ``level_beta``) of each measurement's own root
+    (the sum of its noise parts, what ``estimate_gns`` squares into ``noise``), S the root of
+    the pooled shapes (each measurement's moments divided by its own total trace T, all-reduced:
+    one scalar for the whole model, so nothing depends on how entries are sliced over ranks,
+    pooled with the weights above) and D the EMA, with the same weights, of each
+    measurement's root / sqrt(T): S / D is how much a root of pool_dof degrees of freedom
+    exceeds one of n - 1 on the same measurements. A measurement reads the shapes and D
+    pooled BEFORE it and the level including it; its moments are held by ``add`` and folded in
+    by ``close(T, root, dof)`` once T is known, after the one all-reduce (``drop`` /
+    ``rollback`` forget them). ``restart()`` empties the pool (the driver calls it at the end
+    of the warm-up, ``GNSConfig.warmup_samples``: a fresh model's shapes inflate S / D).
     """
 
     def __init__(
@@ -400,9 +415,11 @@ class MomentPool:
         self._entries: dict[Hashable, _PoolEntry] = {}
         #: Updated entries of the measurement in flight, while staged (None: updates in place).
         self._staged: dict[Hashable, _PoolEntry] | None = None
-        # -- shape-and-level mode ----------------------------------------------------------------
-        self.level_ema = 0.0  # EMA of the measurements' total traces, not bias-corrected
+        # -- level-and-bias mode -----------------------------------------------------------------
+        self.level_ema = 0.0  # short EMA of the measurements' roots, not bias-corrected
         self.level_weight = 0.0  # the sum of its weights
+        self.base_ema = 0.0  # EMA of root / sqrt(T) with the shapes' weights (D), likewise
+        self.base_weight = 0.0
         #: This measurement's moments, folded into the shapes by ``close``: key -> (moment, dof,
         #: floor).
         self._pending: dict[Hashable, tuple[torch.Tensor, float, float]] = {}
@@ -414,19 +431,18 @@ class MomentPool:
         to compute the same pooled noise."""
         return cls(target_dof=config.pool_dof, level_beta=config.level_beta)
 
-    # -- shape-and-level mode -------------------------------------------------------------------
+    # -- level-and-bias mode --------------------------------------------------------------------
     def add(
         self, key: Hashable, moment: torch.Tensor, dof: float, *, floor: float = 0.0
     ) -> tuple[torch.Tensor, float, float, bool]:
-        """Shape-and-level mode: hold this measurement's ``moment`` of entry ``key`` until
+        """Level-and-bias mode: hold this measurement's ``moment`` of entry ``key`` until
         ``close``, and return what its pooled noise part is taken from: (the entry's pooled
         SHAPE from earlier measurements, its effective dof, its floor relative to the level,
         False), or, for an entry seen for the first time, (``moment`` itself, ``dof``,
         ``floor``, True): a fresh entry's part is this measurement's own, in absolute units.
 
-        The noise part of an entry is then sqrt-part(shape) x sqrt(level) (``level_after``),
-        a fresh one's sqrt-part(moment) x sqrt(level / trace)."""
-        assert self.level_beta is not None, "add() is the shape-and-level mode's"
+        ``pooled_root`` adds the shape parts and each fresh part / sqrt(trace) into S."""
+        assert self.level_beta is not None, "add() is the level-and-bias mode's"
         self._pending[key] = (moment, dof, floor)
         entry = self._entries.get(key)
         if entry is None or entry.weight == 0 or entry.value.shape != moment.shape:
@@ -434,30 +450,46 @@ class MomentPool:
         weight = entry.weight
         return entry.value / weight, weight**2 / entry.inverse_dof, entry.floor / weight, False
 
-    def level_after(self, trace: float) -> float:
-        """The bias-corrected level once this measurement's total ``trace`` has entered it
-        (nothing is changed)."""
+    def level_after(self, root: float) -> float:
+        """The bias-corrected level once this measurement's ``root`` has entered it (nothing is
+        changed)."""
         assert self.level_beta is not None
         keep = self.level_beta
         weight = keep * self.level_weight + (1.0 - keep)
-        return (keep * self.level_ema + (1.0 - keep) * trace) / weight
+        return (keep * self.level_ema + (1.0 - keep) * root) / weight
 
-    def close(self, trace: float) -> None:
+    def base_before(self, value: float) -> float:
+        """D: the bias-corrected EMA of root / sqrt(T) over the measurements kept so far, or
+        ``value`` (this measurement's) when there are none."""
+        return self.base_ema / self.base_weight if self.base_weight > 0 else value
+
+    def close(self, trace: float, root: float, dof: float) -> None:
         """Keep this measurement: fold each held moment, divided by the measurement's total
-        ``trace`` (the sum of every entry's trace, all-reduced), into its entry's shape, and
-        ``trace`` into the level. A trace that is zero or not finite leaves the shapes alone
-        (nothing to normalise by); a non-finite one leaves the level alone too."""
+        ``trace`` (the sum of every entry's trace, all-reduced), into its entry's shape, its
+        ``root`` into the level and root / sqrt(trace) into D (with the shapes' weight for
+        ``dof``). A trace or root that is not finite leaves everything alone; a zero trace
+        (nothing to normalise by) leaves the shapes and D alone."""
         assert self.level_beta is not None
         pending, self._pending = self._pending, {}
-        if not math.isfinite(trace):
+        if not (math.isfinite(trace) and math.isfinite(root)):
             return
         keep = self.level_beta
-        self.level_ema = keep * self.level_ema + (1.0 - keep) * trace
+        self.level_ema = keep * self.level_ema + (1.0 - keep) * root
         self.level_weight = keep * self.level_weight + (1.0 - keep)
         if trace <= 0:
             return
-        for key, (moment, dof, floor) in pending.items():
-            self._fold(self._entries, key, moment / trace, dof, floor / trace)
+        alpha = self.weight(dof)
+        self.base_ema = (1.0 - alpha) * self.base_ema + alpha * root / math.sqrt(trace)
+        self.base_weight = (1.0 - alpha) * self.base_weight + alpha
+        for key, (moment, entry_dof, floor) in pending.items():
+            self._fold(self._entries, key, moment / trace, entry_dof, floor / trace)
+
+    def restart(self) -> None:
+        """Forget every measurement (entries, level, D): the pool starts again."""
+        self._entries = {}
+        self._staged = None
+        self._pending = {}
+        self.level_ema = self.level_weight = self.base_ema = self.base_weight = 0.0
 
     def drop(self) -> None:
         """Forget this measurement's held moments (a skipped step, a non-finite estimate)."""
@@ -554,6 +586,7 @@ class MomentPool:
             "target_dof": self.target_dof,
             "level_beta": self.level_beta,
             "level": (self.level_ema, self.level_weight),
+            "base": (self.base_ema, self.base_weight),
             "entries": {
                 key: (e.value.cpu().clone(), e.weight, e.inverse_dof, e.floor)
                 for key, e in self._entries.items()
@@ -565,14 +598,21 @@ class MomentPool:
     ) -> None:
         """Continue from ``state_dict()``, entries moved to ``device``; this pool's own
         weighting (beta / target_dof) stays, so a changed config applies from now on. A state
-        of the other mode (moments vs shapes: ``level_beta`` set in one and not the other) is a
-        ``ValueError``: its entries mean something else."""
+        of the other mode (moments vs shapes: ``level_beta`` set in one and not the other), or
+        of the earlier shape-and-level pool (no ``base``), is a ``ValueError``: its entries
+        mean something else."""
         if (state.get("level_beta") is None) != (self.level_beta is None):
             raise ValueError(
                 f"pool state of level_beta={state.get('level_beta')!r} cannot continue a pool "
                 f"of level_beta={self.level_beta!r}: one pools moments, the other shapes"
             )
+        if self.level_beta is not None and "base" not in state:
+            raise ValueError(
+                "pool state of an earlier shape-and-level pool (a level of traces, no bias "
+                "ratio) cannot continue this level-and-bias pool"
+            )
         self.level_ema, self.level_weight = state.get("level", (0.0, 0.0))
+        self.base_ema, self.base_weight = state.get("base", (0.0, 0.0))
         self._pending = {}
         self._entries = {
             key: _PoolEntry(value.to(device, copy=True), weight, inverse_dof, floor)
@@ -704,7 +744,8 @@ def estimate_gns(
     (matrix parameters only; conv weights are flattened) or a mapping name -> norm/None.
     ``pool``: add this measurement's second moments to it (keyed by parameter name) and return
     the pooled noise as well (``GNSEstimate.pooled_noise``); call once per measurement with the
-    same pool. Not for l2, which is linear in the moments (its pooled noise stays ``None``).
+    same pool (and ``pool.restart()`` where the driver restarts it: at the end of the warm-up).
+    Not for l2, which is linear in the moments (its pooled noise stays ``None``).
     Every distributed path in this package must agree with this function.
 
     Example::
@@ -763,9 +804,9 @@ def estimate_gns(
     noise, signal = finish(noise_part, signal_part_sum, total)
     pooled_noise = None
     if pool is not None:
-        pooled_noise = finish(pooled_root(pool, pooled_parts.tolist()), 0.0, total)[0]
+        pooled_noise = finish(pooled_root(pool, noise_part, pooled_parts.tolist()), 0.0, total)[0]
         finite = all(math.isfinite(v) for v in (noise, signal, pooled_noise))
-        settle(pool, float(pooled_parts[2]), keep=finite)
+        settle(pool, float(pooled_parts[2]), noise_part, dof, keep=finite)
     return GNSEstimate(
         norm=total,
         noise=noise,

@@ -78,8 +78,10 @@ class Float32Bound:
         #: error bounds pooled with the same weights as the reference pool's entries
         self.errors = MomentPool(target_dof=target_dof) if target_dof is not None else None
         self.measurements = 0
-        #: shape-and-level mode: (shape, error) per entry as pooled BEFORE this measurement
+        #: level-and-bias mode: (shape, error) per entry as pooled BEFORE this measurement
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: level-and-bias mode: the largest relative error of a root that entered the level / D
+        self._entered = 0.0
 
     def step(
         self,
@@ -163,7 +165,8 @@ class Float32Bound:
             signal_rel = _squared(signal_root_err / signal_root) if signal_root else 0.0
         pooled_rel = 0.0
         if pool is not None and self.errors is not None and entries:
-            pooled_rel = self._pooled(pool, entries, n, trace, trace_err)
+            root_rel = root_err / root_total if root_total else 0.0
+            pooled_rel = self._pooled(pool, entries, n, trace, trace_err, root_rel)
         return Tolerance(
             noise=SAFETY * noise_rel,
             signal=SAFETY * signal_rel,
@@ -178,11 +181,15 @@ class Float32Bound:
         n: int,
         trace: float,
         trace_err: float,
+        root_rel: float,
     ) -> float:
         """Relative error bound of the pooled noise's root. Moment mode: the reference pool's
-        stored EMAs of this measurement on, with error bounds EMA-ed alike. Shape-and-level
-        mode: the shapes pooled before this measurement (fresh entries: this measurement's own
-        part), plus the level's and the trace's relative error."""
+        stored EMAs of this measurement on, with error bounds EMA-ed alike. Level-and-bias
+        mode, level x S / D: S from the shapes pooled before this measurement (fresh entries:
+        this measurement's own part over sqrt(T)), plus T's relative error; the level and D
+        are EMAs (positive weights) of each measurement's root (relative error ``root_rel``)
+        and root / sqrt(T), so each is off by at most the largest relative error of what
+        entered it: the running maximum of root_rel + T's relative error, once for each."""
         assert self.errors is not None
         u = self.unit
         # each kind apart: the l1 part carries c4 of the pool's dof, nuclear's does not; fresh
@@ -210,7 +217,8 @@ class Float32Bound:
             tot[group] = tot.get(group, 0.0) + r
         rel = max((err[k] / tot[k] for k in tot if tot[k] > 0), default=0.0)
         if level_mode and trace > 0:
-            rel += trace_err / trace  # sqrt(level) and, for fresh parts, sqrt(1 / trace)
+            self._entered = max(self._entered, root_rel + trace_err / trace)
+            rel += trace_err / trace + 2 * self._entered  # S's 1 / sqrt(T); the level and D
         return rel
 
 

@@ -193,7 +193,7 @@ def test_a_state_measured_in_another_geometry_is_refused_on_load():
     monitor = attach(model, cfg, micro_batch_size=MICRO, accumulation_steps=2)
     _steps(model, monitor, 2)
     state = monitor.state_dict()
-    for field, value in [("norm", "nuclear"), ("pool_dof", 50.0), ("ema_beta_noise", 0.5),
+    for field, value in [("norm", "nuclear"), ("pool_dof", 30.0), ("ema_beta_noise", 0.5),
                          ("pool_moments", False), ("bias_correction", False)]:  # fmt: skip
         other = WithEmpty()
         fresh = attach(other, dataclasses.replace(cfg, **{field: value}), micro_batch_size=MICRO,

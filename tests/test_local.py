@@ -44,6 +44,9 @@ def _run(norm: str, acc: int, steps: int = 3, **config):
         opt.zero_grad()
         expected = estimate_gns(samples, MICRO, norms, layer_breakdown=True, pool=pool)
         results.append((monitor.last_estimate, expected, bound.step(samples, MICRO, norms, pool)))
+        if (step + 1) * acc * MICRO == cfg.warmup_samples:  # the warm-up ends with this step
+            pool.restart()
+            bound = Float32Bound(cfg.pool_dof)
     return monitor, results
 
 
@@ -149,3 +152,17 @@ def test_pooled_moments_resume_from_the_monitor_state(norm):
     monitor.load_state_dict(other)
     _steps(module, monitor, opt, [2])
     assert monitor.last_estimate.pooled_noise == pytest.approx(cold.pooled_noise, rel=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["l1", "nuclear"])
+def test_the_pool_restarts_when_the_warm_up_ends(norm):
+    """The driver empties the pool at the step that ends the warm-up (GNSConfig.warmup_samples):
+    what follows equals estimate_gns with its pool restarted there, and differs from a pool
+    that kept the warm-up's measurements."""
+    _, results = _run(norm, acc=3, steps=5, warmup_samples=2 * 3 * MICRO)
+    for step, (got, want, tol) in enumerate(results):  # tolerances: tests/float32_bounds.py
+        assert got.pooled_noise == pytest.approx(want.pooled_noise, rel=tol.pooled_noise), step
+    # the same run without a warm-up: its pool keeps every measurement
+    _, unrestarted = _run(norm, acc=3, steps=5)
+    assert results[2][0].pooled_noise != pytest.approx(unrestarted[2][0].pooled_noise, rel=1e-6)
+    assert results[1][0].pooled_noise == pytest.approx(unrestarted[1][0].pooled_noise, rel=1e-12)

@@ -170,8 +170,9 @@ class MeasurementSession:
         #: the smoothing, so it keeps the paper's EMA of the noise (no pool).
         pooled = config.pool_moments and plan.norm != "l2"
         self.pool = MomentPool.for_config(config) if pooled else None
-        #: This measurement's total trace (sum of every measured variance), for ``settle_pool``.
-        self._trace = 0.0
+        #: This measurement's total trace (sum of every measured variance) and root (summed
+        #: noise parts), for ``settle_pool``.
+        self._trace = self._root = 0.0
         self._slices: dict[int, list[tuple[int, int, int]]] = {}
         self._touched: set[Hashable] = set()  # pool entries this measurement updated
         #: The loss scale of the armed step's backward (None: gradients are not scaled).
@@ -225,7 +226,7 @@ class MeasurementSession:
             self._partial = None
             return False
         if self.pool is not None and self.pool.level_beta is None and self.loss_scale is not None:
-            self.pool.stage()  # (shape-and-level mode holds every measurement until settled)
+            self.pool.stage()  # (level-and-bias mode holds every measurement until settled)
         self._partial = torch.zeros(
             len(self.plan.params), 5, dtype=torch.float64, device=self.device
         )
@@ -261,7 +262,13 @@ class MeasurementSession:
         """After ``finish``: keep the measurement's staged pool updates, or drop them (a step
         the loss scaler skipped, a non-finite estimate). A no-op when nothing was staged."""
         if self.pool is not None:
-            settle(self.pool, self._trace, keep)
+            settle(self.pool, self._trace, self._root, self.num_samples - 1, keep)
+
+    def restart_pool(self) -> None:
+        """Empty the pool (``MomentPool.restart``): the driver's call at the end of the warm-up.
+        Moment mode keeps its pool: it has no bias ratio to protect."""
+        if self.pool is not None and self.pool.level_beta is not None:
+            self.pool.restart()
 
     def _unscale(self) -> float:
         """1 / the loss scale of this step's backward (1.0 without scaling)."""
@@ -299,9 +306,9 @@ class MeasurementSession:
         noise, signal = finish(float(totals[0]), float(totals[1]), self.plan.norm)
         pooled_noise = None
         if self.pool is not None:
-            self._trace = float(totals[4])
+            self._trace, self._root = float(totals[4]), float(totals[0])
             pooled_noise = finish(
-                pooled_root(self.pool, totals[2:5].tolist()), 0.0, self.plan.norm
+                pooled_root(self.pool, self._root, totals[2:5].tolist()), 0.0, self.plan.norm
             )[0]
         layers = None
         if self.config.layer_breakdown:

@@ -130,7 +130,10 @@ class StepCore(ControllerReadout):
             )
         if estimate is not None:
             self.last_estimate = estimate
+        before = self.controller.samples
         decision = self.controller.update(estimate)
+        if session is not None and before < self.config.warmup_samples <= self.controller.samples:
+            session.restart_pool()  # the warm-up's shapes would bias what the batch acts on
         if self.lr_multiplier is not None:
             self.lr_multiplier.value = decision.lr_multiplier
         if self.config.check_consistency:
