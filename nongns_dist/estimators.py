@@ -5,7 +5,8 @@ From S = sum_s g_s (mean g = S/n) and Q = sum_s g_s^2 per coordinate:
 
     sigma_hat_i^2 = b/(n-1) * (Q_i - n g_i^2)          (clamped at 0: rounding only)
 
-and per 2-D parameter (rows <= columns), from A = sum_s G_s G_s^T:
+and per 2-D parameter (``norms.as_matrix``: rows < columns; a square one transposed), from
+A = sum_s G_s G_s^T:
 
     C_hat = b/(n-1) * (A - n G G^T)
 
@@ -204,7 +205,7 @@ def gram_partial_sums(
     gram_dtype: torch.dtype | None = None,
     centered: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tr(C_hat^{1/2}), ||G||_*) of one matrix parameter from its Grams (rows <= columns).
+    """(tr(C_hat^{1/2}), ||G||_*) of one matrix parameter from its Grams (``as_matrix`` view).
 
     ``gram_sum`` is A = sum_s G_s G_s^T and ``mean_gram`` is G G^T of the mean gradient.
     ``centered=True``: ``gram_sum`` is already sum_s (G_s - G)(G_s - G)^T (no cancellation).

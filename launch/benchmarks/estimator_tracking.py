@@ -425,6 +425,8 @@ class Populations:
         shapes = {name: p.shape for name, p in model.named_parameters()}
         key = f"{model_hash(model)} {plan.kind} {len(plan.l1)}/{len(plan.nuclear)}"
         key += f" population {self.args.population} seed {self.args.seed}"
+        if plan.nuclear:  # square matrices' covariances over their columns (norms.as_matrix)
+            key += " square-columns"
         cached = self.cache.get(key)
         if cached is not None and (not check or "l2 n=8" in (cached.get("check") or {})):
             checked = cached.get("check") if check else None  # printed once, where asked

@@ -1,12 +1,14 @@
 """Row or column Gram for a square matrix: which bound on the nuclear-norm noise is closer, on
 REAL per-example gradients of the main job.
 
-For a matrix in the library's view (``as_matrix``: m <= n columns) and the per-example gradients
-g of a population (one training window = one example; mean G), both
+For a matrix viewed with m <= n (the smaller side's rows; a square one as (out, in)) and the
+per-example gradients g of a population (one training window = one example; mean G), both
 
-    row  tr C_row^{1/2},  C_row = E[(g - G)(g - G)^T]  (m x m; what the library takes)
+    row  tr C_row^{1/2},  C_row = E[(g - G)(g - G)^T]  (m x m; what the library took for a
+                                                        square matrix before this measurement)
     col  tr C_col^{1/2},  C_col = E[(g - G)^T (g - G)]  (n x n; what the authors' companion
-                                                        code takes for a square matrix)
+                                                        code takes for a square matrix, and the
+                                                        library since: ``norms.as_matrix``)
 
 bound the truth sqrt(B) E||g_B - G||_* from above at every B (||Y||_* = tr (Y Y^T)^{1/2} is
 concave in Y Y^T, and E[(g_B - G)(g_B - G)^T] = C_row / B; the same with columns). So of the
@@ -221,7 +223,9 @@ def measure(path: str, args: argparse.Namespace, populations: Populations) -> Ch
     views = Geometry(model, columns, shapes).matrices
 
     def deviations(cols: slice, shape: torch.Size) -> torch.Tensor:
-        mats = Geometry.matrix(grads[:, cols].to(torch.float64), shape)
+        mats = grads[:, cols].to(torch.float64).reshape(len(grads), shape[0], -1)
+        if mats.shape[1] > mats.shape[2]:  # the smaller side's rows; a square one keeps its own
+            mats = mats.mT
         return mats - mats.mean(0)
 
     matrices = []
