@@ -201,7 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the dual norm of the optimizer's geometry",
     )
     gns.add_argument(
-        "--theta", type=float, default=0.6, help="target batch = noise / (theta^2 signal)"
+        "--theta",
+        type=float,
+        default=None,
+        help="target batch = noise / (theta^2 signal); default: the library's "
+        f"{GNSConfig().theta} (the paper's 0.6 calibrated to the library's estimator), 0.6 with "
+        "--estimator paper; the paper's l2 (Euclidean) value is 0.3",
     )
     gns.add_argument(
         "--estimator",
@@ -295,6 +300,8 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
         )
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
+    if args.theta is None:  # the paper's estimator keeps the paper's theta
+        args.theta = PAPER_THETA if args.estimator == "paper" else GNSConfig().theta
     if args.out is None:
         args.out = f"runs/{args.engine}-{args.optimizer}-{args.batch_mode}"
     if args.max_batch < 0:
@@ -531,7 +538,12 @@ def warn(message: str) -> None:
         print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
 
 
+#: The paper's theta, the default of --estimator paper (it was tuned with that estimator).
+PAPER_THETA = 0.6
+
+
 def gns_config(args: argparse.Namespace) -> GNSConfig:
+    paper = args.estimator == "paper"
     return GNSConfig(
         adapt_batch_size=args.batch_mode == "adaptive",
         norm=args.norm,
@@ -542,8 +554,8 @@ def gns_config(args: argparse.Namespace) -> GNSConfig:
         initial_batch_size=args.start_batch,
         max_batch_size=args.max_batch or None,
         lr_scaling=args.lr_scaling,
-        pool_moments=args.estimator != "paper",
-        bias_correction=args.estimator != "paper",
+        pool_moments=not paper,
+        bias_correction=not paper,
         level_beta=None if args.estimator == "moments" else GNSConfig.level_beta,
     )
 

@@ -347,7 +347,7 @@ def test_bad_resume_paths_and_contradicting_flags_are_clean_errors(
     (cut / "trainer.json").write_text('{"format": "nongns')
     assert "unreadable" in error(["--resume", str(cut)])
     message = error(["--resume", str(good), "--seed", "1", "--theta", "0.3"])
-    assert "--seed 0 (this run: 1)" in message and "--theta 0.6 (this run: 0.3)" in message
+    assert "--seed 0 (this run: 1)" in message and "--theta 0.65 (this run: 0.3)" in message
     zero1 = _write_checkpoint(
         tmp_path / "zero1",
         step=10, samples=80, batch_size=24, world_size=2, micro_batch=4, zero_stage=1,
