@@ -27,7 +27,7 @@ from .test_train import TINY, TORCHRUN, TRAIN, _records, _run
 #: every 5 steps puts step 10 between two changes.
 # theta and interval put a batch change on each side of the step-10 checkpoint (4 -> 8 at step
 # 9, 8 -> 12 at step 11; checked in test_resume_continues_the_uninterrupted_run)
-LONG = [*TINY, "--theta", "0.55", "--interval", "1", "--max-batch", "32", "--sample-budget", "320"]
+LONG = [*TINY, "--theta", "0.5", "--interval", "1", "--max-batch", "32", "--sample-budget", "320"]
 EVERY = ["--checkpoint-every", "5", "--keep-checkpoints", "0"]
 
 
