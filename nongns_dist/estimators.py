@@ -580,7 +580,13 @@ class MomentPool:
         }
 
     def memory_bytes(self) -> int:
-        return sum(e.value.numel() * e.value.element_size() for e in self._entries.values())
+        """Bytes of the tensors the pool holds: its entries (between measurements, all of it)
+        and, while a measurement is in flight, its held moments (``add``, until ``close``) or
+        staged copies (``stage``, until ``commit``)."""
+        held = [e.value for e in self._entries.values()]
+        held += [e.value for e in (self._staged or {}).values()]
+        held += [moment for moment, _, _ in self._pending.values()]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 @dataclass
