@@ -362,6 +362,15 @@ class MeasurementSession:
             ranks,
         ) from failure
 
+    def memory_bytes(self) -> int:
+        """Bytes of tensors this session holds now. Between measuring steps that is the pool
+        alone: for each l1 slice on this rank one float32 moment per coordinate, for each
+        matrix this rank OWNS the float64 upper triangle of its m x m moment, m(m+1)/2 x 8
+        bytes (no other rank keeps it); everything else of a step is freed by its end. During
+        a step, add this measurement's moments, held until it is settled (shape-and-level
+        mode: as many bytes again)."""
+        return 0 if self.pool is None else self.pool.memory_bytes()
+
     # -- checkpointing of the pooled moments (they are this rank's: one state per rank) ---------
     def pool_state(self) -> dict[str, Any] | None:
         """This rank's pooled moments, tagged with its rank and group size; None when not pooled."""
