@@ -178,19 +178,22 @@ def sample_covariance(
     *,
     gram_dtype: torch.dtype | None = None,
     centered: bool = False,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """(C_hat, resolution) of one matrix from its Grams (see ``gram_partial_sums``).
 
     The resolution is the size below which an eigenvalue of C_hat is rounding: the rounding of
     A, at most eps ||A||_F (Weyl; the Frobenius norm bounds the spectral one and costs no
-    decomposition), scaled like C_hat.
+    decomposition), scaled like C_hat. ``overwrite``: C_hat may be formed in ``gram_sum``'s
+    storage (a caller done with the Gram saves one m x m temporary; same values).
     """
     _check_counts(num_samples, sample_size)
     eps = torch.finfo(gram_dtype or gram_sum.dtype).eps
-    centred_sum = gram_sum if centered else gram_sum - num_samples * mean_gram
     factor = sample_size / (num_samples - 1)
     floor = eps * float(torch.linalg.matrix_norm(gram_sum)) * factor
-    return centred_sum * factor, floor
+    if not centered:
+        return (gram_sum - num_samples * mean_gram).mul_(factor), floor
+    return (gram_sum.mul_(factor) if overwrite else gram_sum * factor), floor
 
 
 def gram_partial_sums(
