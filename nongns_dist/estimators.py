@@ -179,19 +179,22 @@ def sample_covariance(
     *,
     gram_dtype: torch.dtype | None = None,
     centered: bool = False,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """(C_hat, resolution) of one matrix from its Grams (see ``gram_partial_sums``).
 
     The resolution is the size below which an eigenvalue of C_hat is rounding: the rounding of
     A, at most eps ||A||_F (Weyl; the Frobenius norm bounds the spectral one and costs no
-    decomposition), scaled like C_hat.
+    decomposition), scaled like C_hat. ``overwrite``: C_hat may be formed in ``gram_sum``'s
+    storage (a caller done with the Gram saves one m x m temporary; same values).
     """
     _check_counts(num_samples, sample_size)
     eps = torch.finfo(gram_dtype or gram_sum.dtype).eps
-    centred_sum = gram_sum if centered else gram_sum - num_samples * mean_gram
     factor = sample_size / (num_samples - 1)
     floor = eps * float(torch.linalg.matrix_norm(gram_sum)) * factor
-    return centred_sum * factor, floor
+    if not centered:
+        return (gram_sum - num_samples * mean_gram).mul_(factor), floor
+    return (gram_sum.mul_(factor) if overwrite else gram_sum * factor), floor
 
 
 def gram_partial_sums(
@@ -621,7 +624,13 @@ class MomentPool:
         }
 
     def memory_bytes(self) -> int:
-        return sum(e.value.numel() * e.value.element_size() for e in self._entries.values())
+        """Bytes of the tensors the pool holds: its entries (between measurements, all of it)
+        and, while a measurement is in flight, its held moments (``add``, until ``close``) or
+        staged copies (``stage``, until ``commit``)."""
+        held = [e.value for e in self._entries.values()]
+        held += [e.value for e in (self._staged or {}).values()]
+        held += [moment for moment, _, _ in self._pending.values()]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 @dataclass

@@ -164,9 +164,10 @@ def gram_triangle(matrix: torch.Tensor) -> torch.Tensor:
 
 def triangle_to_gram(upper: torch.Tensor, size: int) -> torch.Tensor:
     """The symmetric matrix whose ``gram_triangle`` is ``upper``."""
-    gram = torch.zeros(size, size, dtype=upper.dtype, device=upper.device)
-    gram[_upper(size, upper.device)] = upper
-    gram += gram.T.tril(-1)  # the strict upper triangle mirrored; the diagonal once
+    gram = torch.empty(size, size, dtype=upper.dtype, device=upper.device)
+    mask = _upper(size, upper.device)
+    gram[mask] = upper
+    gram.T[mask] = upper  # the mirror, written in place: no second size x size temporary
     return gram
 
 

@@ -129,6 +129,8 @@ class DDPCapture:
             buffer = record.buffer
             if record.squares_work is not None:
                 record.squares_work.wait()
+                # the squares' send buffer (held by the record and the work): done with
+                record.squares = record.squares_work = None
                 received = record.received
                 assert received is not None
                 for (tracked, start, _), (offset, count, at) in zip(

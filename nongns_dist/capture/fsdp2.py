@@ -324,10 +324,11 @@ class FSDP2Capture:
         with_sum = exact_sum_travels(local_rows.dtype)
         shards = local_rows.shape[0]
         if shards > 1:
-            work, received, _packed, _ = session.reduce_squares(
+            work, received, packed, _ = session.reduce_squares(
                 local_rows.reshape(-1), shard_group=shard_group
             )
             work.wait()
+            del work, packed  # the squares' send buffer (the work holds it too): done with
         else:
 
             def own_rows() -> torch.Tensor:

@@ -369,6 +369,15 @@ class MeasurementSession:
             ranks,
         ) from failure
 
+    def memory_bytes(self) -> int:
+        """Bytes of tensors this session holds now. Between measuring steps that is the pool
+        alone: for each l1 slice on this rank one float32 moment per coordinate, for each
+        matrix this rank OWNS the float64 upper triangle of its m x m moment, m(m+1)/2 x 8
+        bytes (no other rank keeps it); everything else of a step is freed by its end. During
+        a step, add this measurement's moments, held until it is settled (shape-and-level
+        mode: as many bytes again)."""
+        return 0 if self.pool is None else self.pool.memory_bytes()
+
     # -- checkpointing of the pooled moments (they are this rank's: one state per rank) ---------
     def pool_state(self) -> dict[str, Any] | None:
         """This rank's pooled moments, tagged with its rank and group size; None when not pooled."""
@@ -608,19 +617,21 @@ class MeasurementSession:
         )
         for j, t in zip(positions, params, strict=True):
             if t.index in owned:
-                self.guarded(self._finish_owned, t, owned.pop(t.index), mean[j], centred=True)
+                self.guarded(self._finish_owned, t, owned, mean[j], centred=True)
 
     def _zeros(self, numel: int) -> torch.Tensor:
         return torch.zeros(numel, dtype=torch.float64, device=self.device)
 
     def _finish_owned(
-        self, param: TrackedParam, triangle: torch.Tensor, mean: torch.Tensor | None, *,
+        self, param: TrackedParam, owned: dict[int, torch.Tensor], mean: torch.Tensor | None, *,
         centred: bool,
     ) -> None:  # fmt: skip
+        """Owner: finish ``param`` from its summed Gram triangle, taken out of ``owned`` (so the
+        received buffer is freed as soon as the matrix is rebuilt from it)."""
         if mean is None:
             raise RuntimeError(f"the mean of {param.name} is missing")  # a guarded copy failed
-        gram = triangle_to_gram(triangle, param.gram_size)
-        self._add_owned_matrix(param, gram, mean, centred=centred)
+        gram_box = [triangle_to_gram(owned.pop(param.index), param.gram_size)]
+        self._add_owned_matrix(param, gram_box, mean, centred=centred)
 
     def add_owned_matrix(
         self,
@@ -632,38 +643,39 @@ class MeasurementSession:
     ) -> None:
         """Owner: finish ``param`` from the summed Gram (of deviations when ``centred``, else of
         the samples) and the mean gradient: two scalars into the table. Local math only
-        (``guarded``: a failure is recorded, not raised)."""
-        self.guarded(self._add_owned_matrix, param, gram_sum, mean_grad, centred=centred)
+        (``guarded``: a failure is recorded, not raised). ``gram_sum`` is overwritten."""
+        self.guarded(self._add_owned_matrix, param, [gram_sum], mean_grad, centred=centred)
 
     def _add_owned_matrix(
-        self, param: TrackedParam, gram_sum: torch.Tensor, mean_grad: torch.Tensor, *,
+        self, param: TrackedParam, gram_box: list[torch.Tensor], mean_grad: torch.Tensor, *,
         centred: bool,
     ) -> None:  # fmt: skip
+        """``gram_box``: a list holding the summed Gram, taken out here so that it is freed
+        (overwritten by C_hat, then dropped) before the pool's own decomposition: the owner's
+        m x m float64 temporaries (the Gram, G G^T, the eigensolver's copy) follow one another
+        instead of stacking up."""
         inverse = self._unscale()
+        method, tol = self.config.sqrt_trace_method, self.config.sqrt_trace_tol
+        gram_sum = gram_box.pop().to(torch.float64)
         mean = as_matrix(mean_grad.detach().reshape(param.shape)).to(torch.float64)
         if inverse != 1.0:
-            mean, gram_sum = mean * inverse, gram_sum * inverse**2
+            mean, gram_sum = mean * inverse, gram_sum.mul_(inverse**2)
         mean_gram = mean @ mean.T
-        method, tol = self.config.sqrt_trace_method, self.config.sqrt_trace_tol
-        cov, floor = sample_covariance(
-            gram_sum.to(torch.float64), mean_gram, self.num_samples, self.sample_size,
-            centered=centred,
-        )  # fmt: skip
+        del mean
         row = self._table()[param.index]
-        row[0] += sqrt_trace(cov, method, tol=tol, floor=floor).to(row)
         row[1] += mean_signal(mean_gram, method, tol=tol).to(row)
+        cov, floor = sample_covariance(
+            gram_sum, mean_gram, self.num_samples, self.sample_size, centered=centred,
+            overwrite=True,
+        )  # fmt: skip
+        del gram_sum, mean_gram
+        row[0] += sqrt_trace(cov, method, tol=tol, floor=floor).to(row)
         if self.pool is not None:
             key = (param.index,)
             self._touched.add(key)
-            self._pool(
-                self._table(),
-                param,
-                key,
-                upper_triangle(cov),
-                self.num_samples - 1,
-                floor,
-                trace=cov.diagonal().sum(),
-            )
+            trace, moment = cov.diagonal().sum(), upper_triangle(cov)
+            del cov
+            self._pool(self._table(), param, key, moment, self.num_samples - 1, floor, trace=trace)
 
 
 class SampleAccumulator:
@@ -771,7 +783,7 @@ class SampleAccumulator:
 
             def finish_owned(t: TrackedParam) -> None:
                 mean = owned_sums[t.index] / n
-                s._finish_owned(t, owned_grams[t.index], mean, centred=False)
+                s._finish_owned(t, owned_grams, mean, centred=False)
 
             for t in matrices:
                 if t.index in owned_grams:
