@@ -11,9 +11,9 @@ import torch
 from nongns_dist import GNSConfig, estimate_gns
 from nongns_dist.estimators import (
     MomentPool,
-    coordinate_partial_sums,
+    coordinate_parts,
     finish,
-    gram_partial_sums,
+    matrix_parts,
     pooled_noise_part,
 )
 from nongns_dist.norms import c4
@@ -211,10 +211,9 @@ def test_partial_sums_add_across_slices():
     samples = torch.from_numpy(rng.normal(0.02, 1, (4, 1000)))
     mean, sq = samples.mean(0), samples.square().sum(0)
     for norm in ("l1", "l2"):
-        whole = coordinate_partial_sums(mean, sq, 4, 8, norm)
+        whole = coordinate_parts(mean, sq, 4, 8, norm)
         parts = [
-            coordinate_partial_sums(mean[s], sq[s], 4, 8, norm)
-            for s in (slice(0, 333), slice(333, None))
+            coordinate_parts(mean[s], sq[s], 4, 8, norm) for s in (slice(0, 333), slice(333, None))
         ]
         noise = sum(float(p[0]) for p in parts)
         signal = sum(float(p[1]) for p in parts)
@@ -226,13 +225,13 @@ def test_partial_sums_add_across_slices():
         )
 
 
-def test_gram_partial_sums_float32_inputs_accumulate_in_float64():
+def test_matrix_parts_float32_inputs_accumulate_in_float64():
     rng = _rng(10)
     g = torch.from_numpy(rng.normal(0, 1, (3, 5, 20))).float()
-    noise, signal = gram_partial_sums(
-        torch.einsum("sik,sjk->ij", g, g), g.mean(0) @ g.mean(0).T, 3, 2
-    )
+    grams = [torch.einsum("sik,sjk->ij", g, g), g.mean(0) @ g.mean(0).T]
+    noise, signal, _, _ = matrix_parts(grams, 3, 2)
     assert noise.dtype == signal.dtype == torch.float64
+    assert grams == []  # taken out: the caller holds no m x m temporary
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ def _run(norm: str, acc: int, steps: int = 3, **config):
     opt = _make_optimizer("muon" if norm == "auto" else "signum", module)
     cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False, layer_breakdown=True, **config)
     monitor = attach(module, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
-    norms = {t.name: t.norm for t in monitor.plan.params}
+    norms = {t.name: t.norm.name for t in monitor.plan.params}
     pool = MomentPool.for_config(cfg)
     bound = Float32Bound(cfg.pool_dof)
     results = []

@@ -102,7 +102,7 @@ class DDPCapture:
         for param in bucket.parameters():
             end = start + param.numel()
             tracked = self.tracked.get(id(param))
-            if tracked is not None and tracked.norm == "nuclear":
+            if tracked is not None and tracked.norm.matrix:
                 # kept until the average exists: the Gram is of the deviation G_r - G (None:
                 # the copy failed, the session has the failure and this rank sends zeros)
                 local = session.guarded(buffer[start:end].clone)

@@ -132,7 +132,7 @@ class FSDP1Capture:
             for segment in segments:
                 tracked = session.plan.get(segment.name)  # None: frozen or not measured
                 if tracked is not None:
-                    spans = matrices if tracked.norm == "nuclear" else coords
+                    spans = matrices if tracked.norm.matrix else coords
                     spans.append((tracked, segment.start, segment.end))
             unit._comm_hook_state = _UnitState(self, unit, coords, matrices)
 

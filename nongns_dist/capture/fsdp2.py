@@ -287,7 +287,7 @@ class FSDP2Capture:
         spans, matrices, start = [], [], 0
         for fsdp_param, width in zip(fsdp_params, widths, strict=True):
             tracked = self.tracked.get(id(fsdp_param.sharded_param))
-            if tracked is not None and tracked.norm == "nuclear":
+            if tracked is not None and tracked.norm.matrix:
                 matrices.append((tracked, fsdp_param, start, width))
             elif tracked is not None:
                 spans.append((tracked, start, start + width))

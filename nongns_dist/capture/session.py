@@ -63,17 +63,14 @@ from nongns_dist.estimators import (
     GNSEstimate,
     LayerEstimate,
     MomentPool,
+    coordinate_parts,
     finish,
-    mean_signal,
-    noise_from_variance,
+    matrix_parts,
     pool_moment,
     pooled_root,
-    sample_covariance,
-    sample_variance,
     settle,
-    signal_part,
 )
-from nongns_dist.norms import as_matrix, sqrt_trace
+from nongns_dist.norms import as_matrix
 
 __all__ = [
     "MeasurementError",
@@ -168,7 +165,7 @@ class MeasurementSession:
         #: a slice in this rank's layout, or (param index,) of an owned matrix.
         #: l2 (the Euclidean noise scale) is linear in the moments: pooling would change only
         #: the smoothing, so it keeps the paper's EMA of the noise (no pool).
-        pooled = config.pool_moments and plan.norm != "l2"
+        pooled = config.pool_moments and all(t.norm.pooled for t in plan.params)
         self.pool = MomentPool.for_config(config) if pooled else None
         #: This measurement's total trace (sum of every measured variance) and root (summed
         #: noise parts), for ``settle_pool``.
@@ -313,7 +310,7 @@ class MeasurementSession:
         layers = None
         if self.config.layer_breakdown:
             layers = {
-                t.name: LayerEstimate(t.norm, *finish(float(row[0]), float(row[1]), t.norm))
+                t.name: LayerEstimate(t.norm.name, *finish(float(row[0]), float(row[1]), t.norm))
                 for t, row in zip(self.plan.params, rows, strict=True)
             }
         estimate = GNSEstimate(
@@ -450,7 +447,7 @@ class MeasurementSession:
         size = param.gram_size
         parts = pool_moment(
             self.pool, key, moment, param.norm, dof, floor, trace=trace,
-            unpack=(lambda tri: triangle_to_gram(tri, size)) if param.norm == "nuclear" else None,
+            unpack=(lambda tri: triangle_to_gram(tri, size)) if param.norm.matrix else None,
             method=self.config.sqrt_trace_method, tol=self.config.sqrt_trace_tol,
             bias_correction=self.config.bias_correction,
         )  # fmt: skip
@@ -488,10 +485,13 @@ class MeasurementSession:
             piece_mean, piece_sq = mean[start:end].float(), sq_sum[start:end].float()
             if inverse != 1.0:
                 piece_mean, piece_sq = piece_mean * inverse, piece_sq * inverse**2
-            var = sample_variance(piece_mean, piece_sq, self.num_samples, self.sample_size)
+            noise, signal, var = coordinate_parts(
+                piece_mean, piece_sq, self.num_samples, self.sample_size, norm,
+                bias_correction=correct,
+            )  # fmt: skip
             row = table[param.index]
-            row[0] += noise_from_variance(var, norm, dof, bias_correction=correct).to(row.device)  # type: ignore[arg-type]
-            row[1] += signal_part(piece_mean, norm).to(row.device)  # type: ignore[arg-type]
+            row[0] += noise.to(row.device)
+            row[1] += signal.to(row.device)
             if self.pool is not None:  # l1 (l2 is never pooled)
                 key = self._slice_key(param.index, offset + start, end - start)
                 self._touched.add(key)
@@ -655,21 +655,19 @@ class MeasurementSession:
         m x m float64 temporaries (the Gram, G G^T, the eigensolver's copy) follow one another
         instead of stacking up."""
         inverse = self._unscale()
-        method, tol = self.config.sqrt_trace_method, self.config.sqrt_trace_tol
-        gram_sum = gram_box.pop().to(torch.float64)
+        grams = [gram_box.pop().to(torch.float64)]
         mean = as_matrix(mean_grad.detach().reshape(param.shape)).to(torch.float64)
         if inverse != 1.0:
-            mean, gram_sum = mean * inverse, gram_sum.mul_(inverse**2)
-        mean_gram = mean @ mean.T
+            mean, grams[0] = mean * inverse, grams[0].mul_(inverse**2)
+        grams.append(mean @ mean.T)
         del mean
-        row = self._table()[param.index]
-        row[1] += mean_signal(mean_gram, method, tol=tol).to(row)
-        cov, floor = sample_covariance(
-            gram_sum, mean_gram, self.num_samples, self.sample_size, centered=centred,
-            overwrite=True,
+        noise, signal, cov, floor = matrix_parts(
+            grams, self.num_samples, self.sample_size, method=self.config.sqrt_trace_method,
+            tol=self.config.sqrt_trace_tol, centered=centred,
         )  # fmt: skip
-        del gram_sum, mean_gram
-        row[0] += sqrt_trace(cov, method, tol=tol, floor=floor).to(row)
+        row = self._table()[param.index]
+        row[1] += signal.to(row)
+        row[0] += noise.to(row)
         if self.pool is not None:
             key = (param.index,)
             self._touched.add(key)
@@ -709,7 +707,7 @@ class SampleAccumulator:
 
     def _add_sample(self, param: TrackedParam, grad: torch.Tensor) -> None:
         i = param.index
-        if param.norm == "nuclear":
+        if param.norm.matrix:
             grad64 = grad.detach().reshape(param.shape).to(torch.float64)
             mat = as_matrix(grad64)
             self._add(self._grams, i, mat @ mat.T)
@@ -734,7 +732,7 @@ class SampleAccumulator:
         # -- coordinates: one flat buffer in plan order, reduce-scattered as [S | Q] rows
         spans, start = [], 0
         for t in plan.params:
-            if t.norm != "nuclear":
+            if not t.norm.matrix:
                 spans.append((t, start, start + t.shape.numel()))
                 start += t.shape.numel()
         if spans:
