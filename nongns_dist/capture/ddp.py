@@ -88,7 +88,6 @@ class DDPCapture:
 
     # -- measuring -----------------------------------------------------------------------------
     def _capture(self, session: MeasurementSession, bucket: dist.GradBucket) -> _BucketRecord:
-        session.claim(("ddp bucket", bucket.index()))
         if not self._records:
             # The first bucket of this backward: finish the rest at its end (after DDP's own
             # finalize callback, queued at the first gradient) and before clipping can run.
@@ -185,10 +184,8 @@ def gns_allreduce_hook(
     """The DDP comm hook: ``allreduce_hook`` plus, on measuring steps, gradient statistics."""
     session = state.session
     record = None
-    if session is not None:
-        session.reductions += 1
-        if session.armed:
-            record = state._capture(session, bucket)
+    if session is not None and session.reduction(("ddp bucket", bucket.index())):
+        record = state._capture(session, bucket)
     tensor = bucket.buffer()
     tensor.div_(state.world_size)  # as allreduce_hook: divide first (fp16 overflow)
     future = dist.all_reduce(tensor, group=state.group, async_op=True).get_future()

@@ -210,7 +210,6 @@ class _UnitState:
     def measure(
         self, session: MeasurementSession, grad: torch.Tensor, output: torch.Tensor | None
     ) -> None:
-        session.claim(self)
         world = session.world_size
         if output is not None and grad.numel() != world * output.numel():
             raise RuntimeError(f"FSDP1 shard of {output.numel()} for {grad.numel()} elements")
@@ -246,9 +245,7 @@ def gns_fsdp_hook(
     """The FSDP1 comm hook: sharded strategies call it with (padded local grad, output shard),
     NO_SHARD with the grad alone (reduced in place)."""
     session = state.capture.session
-    if session is not None:
-        session.reductions += 1
-    if session is not None and session.armed:
+    if session is not None and session.reduction(state):
         state.measure(session, grad, output)
     else:
         state.reduce(grad, output)

@@ -245,10 +245,8 @@ class FSDP2Capture:
     def _hook(self, unit: _Unit) -> Callable[[torch.Tensor], None]:
         def all_reduce_hook(output: torch.Tensor) -> None:
             session = self.session
-            if session is not None:
-                session.reductions += 1
             try:
-                if session is not None and session.armed:
+                if session is not None and session.reduction(unit):
                     self._measure(session, unit, output)
             finally:
                 unit.comm.release()
@@ -263,7 +261,6 @@ class FSDP2Capture:
         shard_group = _shard_group(param_group)
         replicate_group = _replicate_group(param_group)
         shards = shard_group.size() if shard_group is not None else 1
-        session.claim(unit)
         local_flat = unit.comm.take_input(output, shards)
         if local_flat.device.type != "cpu":
             # read on the all-reduce stream, while FSDP frees the buffer after the reduce-scatter

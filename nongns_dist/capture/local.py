@@ -80,10 +80,8 @@ class LocalCapture:
     def _hook(self, tracked: TrackedParam) -> Any:
         def hook(grad: torch.Tensor) -> None:
             session = self.session
-            if session is None:
-                return
-            session.reductions += 1  # a backward reached the parameters: a training step
-            if not session.armed:
+            # a backward reached the parameters: a training step (measured when armed)
+            if session is None or not session.reduction():
                 return
             if self._accumulator is None:
                 self._accumulator = SampleAccumulator(session)

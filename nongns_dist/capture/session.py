@@ -191,10 +191,21 @@ class MeasurementSession:
         """Whether some accumulation count gives the 2 samples a variance needs."""
         return self.sample_kind == "micro" or self.world_size >= 2
 
-    def claim(self, reduction: object) -> None:
-        """A per-rank backend reports that it measures ``reduction`` (a bucket, an FSDP unit).
-        The same one twice in one measuring step means a second synchronised backward, whose
-        gradients are not this step's per-rank samples: refused rather than mixed in."""
+    def reduction(self, key: object = None) -> bool:
+        """A capture hook's one duty: report each gradient reduction it sees; returns whether to
+        measure it (the session is armed). Counts ``reductions`` (the driver tells a training
+        step by it). ``key`` (a bucket, an FSDP unit; None for backends whose samples are
+        micro-steps) is claimed on a measuring step: the same one twice means a second
+        synchronised backward, whose gradients are not this step's per-rank samples: refused
+        (``RuntimeError``) rather than mixed in."""
+        self.reductions += 1
+        if not self.armed:
+            return False
+        if key is not None:
+            self._claim(key)
+        return True
+
+    def _claim(self, reduction: object) -> None:
         if reduction in self._claimed:
             raise RuntimeError(
                 "a measuring step ran more than one synchronised backward; run the micro-steps "
