@@ -49,8 +49,8 @@ __all__ = [
     "check_dense_real",
     "coordinate_parts",
     "estimate_gns",
-    "finish",
     "matrix_parts",
+    "noise_and_signal",
     "noise_from_variance",
     "pool_moment",
     "pooled_noise_part",
@@ -350,7 +350,9 @@ def settle(pool: MomentPool, trace: float, root: float, dof: float, keep: bool) 
         pool.drop()
 
 
-def finish(noise_part: float, signal_part: float, norm: str | Norm) -> tuple[float, float]:
+def noise_and_signal(
+    noise_part: float, signal_part: float, norm: str | Norm
+) -> tuple[float, float]:
     """Turn summed partial sums into (noise, signal): squared for the norms whose parts are
     norms (l1, nuclear and their sum ``l1+nuclear``), as they are for l2."""
     names = norm.name if isinstance(norm, Norm) else norm
@@ -822,13 +824,15 @@ def estimate_gns(
         noise_part += float(noise_t)
         signal_part_sum += float(signal_t)
         if layer_breakdown:
-            layer_noise, layer_signal = finish(float(noise_t), float(signal_t), kind)
+            layer_noise, layer_signal = noise_and_signal(float(noise_t), float(signal_t), kind)
             layers[name] = LayerEstimate(kind.name, layer_noise, layer_signal)
 
-    noise, signal = finish(noise_part, signal_part_sum, total)
+    noise, signal = noise_and_signal(noise_part, signal_part_sum, total)
     pooled_noise = None
     if pool is not None:
-        pooled_noise = finish(pooled_root(pool, noise_part, pooled_parts.tolist()), 0.0, total)[0]
+        pooled_noise = noise_and_signal(
+            pooled_root(pool, noise_part, pooled_parts.tolist()), 0.0, total
+        )[0]
         finite = all(math.isfinite(v) for v in (noise, signal, pooled_noise))
         settle(pool, float(pooled_parts[2]), noise_part, dof, keep=finite)
     return GNSEstimate(

@@ -12,8 +12,8 @@ from nongns_dist import GNSConfig, estimate_gns
 from nongns_dist.estimators import (
     MomentPool,
     coordinate_parts,
-    finish,
     matrix_parts,
+    noise_and_signal,
     pooled_noise_part,
 )
 from nongns_dist.norms import c4
@@ -217,11 +217,11 @@ def test_partial_sums_add_across_slices():
         ]
         noise = sum(float(p[0]) for p in parts)
         signal = sum(float(p[1]) for p in parts)
-        assert finish(noise, signal, norm) == pytest.approx(
-            finish(float(whole[0]), float(whole[1]), norm), rel=1e-12
+        assert noise_and_signal(noise, signal, norm) == pytest.approx(
+            noise_and_signal(float(whole[0]), float(whole[1]), norm), rel=1e-12
         )
         assert estimate_gns(samples, 8, norm).noise == pytest.approx(
-            finish(noise, signal, norm)[0], rel=1e-12
+            noise_and_signal(noise, signal, norm)[0], rel=1e-12
         )
 
 

@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from nongns_dist.capture.collectives import exact_sum_travels
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, module_plan_entries
-from nongns_dist.capture.session import MeasurementSession, SampleKind, exact_sum_travels
+from nongns_dist.capture.session import MeasurementSession, SampleKind
 
 __all__ = ["DDPCapture", "gns_allreduce_hook"]
 

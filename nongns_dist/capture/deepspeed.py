@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 
+from nongns_dist.capture.accumulator import SampleAccumulator
 from nongns_dist.capture.plan import (
     PlanEntry,
     TrackedParam,
     check_measurable_module,
     plan_entries,
 )
-from nongns_dist.capture.session import MeasurementSession, SampleAccumulator, SampleKind
+from nongns_dist.capture.session import MeasurementSession, SampleKind
 from nongns_dist.optim.geometry import group_norms
 
 __all__ = ["DeepSpeedCapture", "basic_optimizer", "check_supported", "loss_scale"]

@@ -30,14 +30,9 @@ import torch.distributed as dist
 from torch.distributed.algorithms._comm_hooks import default_hooks
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-from nongns_dist.capture.collectives import all_gather
+from nongns_dist.capture.collectives import all_gather, exact_sum_travels, group_rank_and_size
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, clean_fqn, group_kinds, plan_entries
-from nongns_dist.capture.session import (
-    MeasurementSession,
-    SampleKind,
-    exact_sum_travels,
-    group_rank_and_size,
-)
+from nongns_dist.capture.session import MeasurementSession, SampleKind
 
 __all__ = ["FSDP1Capture", "gns_fsdp_hook"]
 

@@ -39,9 +39,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from nongns_dist.capture.collectives import all_gather
+from nongns_dist.capture.collectives import all_gather, exact_sum_travels
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, module_plan_entries
-from nongns_dist.capture.session import MeasurementSession, SampleKind, exact_sum_travels
+from nongns_dist.capture.session import MeasurementSession, SampleKind
 
 __all__ = ["FSDP2Capture", "slot_width", "unchunk"]
 

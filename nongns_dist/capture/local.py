@@ -19,8 +19,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from nongns_dist.capture.accumulator import SampleAccumulator
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, module_plan_entries
-from nongns_dist.capture.session import MeasurementSession, SampleAccumulator, SampleKind
+from nongns_dist.capture.session import MeasurementSession, SampleKind
 
 __all__ = ["LocalCapture"]
 

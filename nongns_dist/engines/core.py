@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 
 from nongns_dist.capture.base import GradientCapture
+from nongns_dist.capture.collectives import group_rank_and_size
 from nongns_dist.capture.plan import MeasurementPlan
-from nongns_dist.capture.session import MeasurementSession, group_rank_and_size
+from nongns_dist.capture.session import MeasurementSession
 from nongns_dist.config import GNSConfig
 from nongns_dist.controller import BatchDecision, BatchSizeController, ControllerReadout
 from nongns_dist.estimators import GNSEstimate

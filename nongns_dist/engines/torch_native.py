@@ -47,11 +47,11 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
 from nongns_dist.capture.base import TorchCapture
+from nongns_dist.capture.collectives import group_rank_and_size
 from nongns_dist.capture.ddp import DDPCapture
 from nongns_dist.capture.fsdp2 import FSDP2Capture
 from nongns_dist.capture.local import LocalCapture
 from nongns_dist.capture.plan import check_measurable_module
-from nongns_dist.capture.session import group_rank_and_size
 from nongns_dist.config import GNSConfig, as_config, check_count
 from nongns_dist.controller import BatchDecision
 from nongns_dist.engines.core import StepCore, StepEvents
