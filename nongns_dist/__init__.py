@@ -21,7 +21,7 @@ from nongns_dist.controller import (
     resume_batch_size,
     warmup_cosine,
 )
-from nongns_dist.engines import GNSMonitor, MicroStep, attach, exit_cleanly
+from nongns_dist.engines import GNSMonitor, MicroStep, StepEvents, attach, exit_cleanly
 from nongns_dist.estimators import GNSEstimate, LayerEstimate, estimate_gns
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "LayerEstimate",
     "MeasurementError",
     "MicroStep",
+    "StepEvents",
     "attach",
     "estimate_gns",
     "exit_cleanly",

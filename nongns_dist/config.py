@@ -18,12 +18,12 @@ from pydantic.dataclasses import dataclass
 
 from nongns_dist.norms import SqrtTraceMethod
 
-__all__ = ["NORMS", "RESUME_FIXED", "GNSConfig", "as_config", "check_count"]
+__all__ = ["RESUME_FIXED", "GNSConfig", "NormName", "as_config", "check_count"]
 
-#: Norms an estimate can be taken in. ``auto`` asks the optimizer (see ``nongns_dist.optim``).
-NORMS = ("l1", "l2", "nuclear", "auto")
-
-Norm = Literal["l1", "l2", "nuclear", "auto"]
+#: The registry's norms (``nongns_dist.norms.NORMS``; a test keeps the two equal), plus ``auto``:
+#: each parameter group's own, read from the optimizer (see ``nongns_dist.optim``). A literal so
+#: that validation names the allowed values.
+NormName = Literal["l1", "l2", "nuclear", "auto"]
 LRScaling = Literal["sqrt", "linear", "none"]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 #: Counts of samples and steps: exact in the float64 tensors that carry them between ranks.
@@ -59,7 +59,7 @@ class GNSConfig:
     # -- estimator ---------------------------------------------------------------------------
     #: Geometry of the noise scale: ``l1`` (sign methods, AdamW), ``nuclear`` (Muon, specSGD),
     #: ``l2`` (SGD), ``auto`` (per parameter group, from the optimizer).
-    norm: Norm = "auto"
+    norm: NormName = "auto"
     #: Divide the l_1 sum of per-coordinate standard deviations by c4(n), which removes the bias
     #: of a square root of a variance estimated from n samples. ``False`` is the paper exactly.
     bias_correction: bool = True

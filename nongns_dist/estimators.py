@@ -32,17 +32,25 @@ from typing import Any, Literal
 
 import torch
 
-from nongns_dist.norms import SqrtTraceMethod, as_matrix, c4_dof, sqrt_trace
+from nongns_dist.norms import (
+    NORMS,
+    Norm,
+    SqrtTraceMethod,
+    as_matrix,
+    c4_dof,
+    norm_named,
+    sqrt_trace,
+)
 
 __all__ = [
     "GNSEstimate",
     "LayerEstimate",
     "MomentPool",
     "check_dense_real",
-    "coordinate_partial_sums",
+    "coordinate_parts",
     "estimate_gns",
-    "finish",
-    "gram_partial_sums",
+    "matrix_parts",
+    "noise_and_signal",
     "noise_from_variance",
     "pool_moment",
     "pooled_noise_part",
@@ -52,9 +60,10 @@ __all__ = [
     "settle",
 ]
 
-EstimateNorm = Literal["l1", "l2", "nuclear"]
+#: A norm by name (``"l1"``, ``"l2"``, ``"nuclear"``) or as its registry entry.
+EstimateNorm = Norm | Literal["l1", "l2", "nuclear"]
 #: Parameters mapped to ``None`` are left out of the estimate (e.g. Muon's AdamW group).
-NormSpec = str | Mapping[str, str | None]
+NormSpec = str | Norm | Mapping[str, str | Norm | None]
 
 
 @dataclass(frozen=True)
@@ -135,24 +144,28 @@ def noise_from_variance(
 ) -> torch.Tensor:
     """Additive noise part of per-coordinate variances ``var`` estimated with ``dof`` degrees of
     freedom (n - 1 for one measurement): sum var (l2) or sum sqrt(var) / c4 (l1), float64."""
-    if norm == "l2":
+    kind = _coordinate_norm(norm)
+    if not kind.squared:
         return var.sum(dtype=torch.float64)
-    if norm == "l1":
-        noise = var.sqrt().sum(dtype=torch.float64)
-        return noise / c4_dof(dof) if bias_correction else noise
-    raise ValueError(f"coordinate statistics support norm 'l1' or 'l2', got {norm!r}")
+    noise = var.sqrt().sum(dtype=torch.float64)
+    return noise / c4_dof(dof) if bias_correction else noise
 
 
 def signal_part(mean: torch.Tensor, norm: EstimateNorm) -> torch.Tensor:
     """Additive signal part of the mean gradient: sum g^2 (l2) or sum |g| (l1), float64."""
-    if norm == "l2":
+    if not _coordinate_norm(norm).squared:
         return mean.square().sum(dtype=torch.float64)
-    if norm == "l1":
-        return mean.abs().sum(dtype=torch.float64)
-    raise ValueError(f"coordinate statistics support norm 'l1' or 'l2', got {norm!r}")
+    return mean.abs().sum(dtype=torch.float64)
 
 
-def coordinate_partial_sums(
+def _coordinate_norm(norm: EstimateNorm) -> Norm:
+    kind = norm_named(norm)
+    if kind.matrix:
+        raise ValueError(f"coordinate statistics need a coordinate norm, got {kind.name!r}")
+    return kind
+
+
+def coordinate_parts(
     mean: torch.Tensor,
     sq_sum: torch.Tensor,
     num_samples: int,
@@ -160,15 +173,17 @@ def coordinate_partial_sums(
     norm: EstimateNorm,
     *,
     bias_correction: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive (noise, signal) parts of an l1 or l2 estimate over these coordinates.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The coordinate norms' kernel: (noise part, signal part, per-coordinate variances) of
+    these coordinates, the parts additive over slices, parameters and ranks.
 
     ``mean`` is g = S/n and ``sq_sum`` is Q, any matching shape (a whole parameter or a slice).
-    Sums accumulate in float64 whatever the input dtype.
+    Sums accumulate in float64 whatever the input dtype. ``estimate_gns`` and the measurement
+    session both call it; the variances are what the pool keeps.
     """
     var = sample_variance(mean, sq_sum, num_samples, sample_size)
     noise = noise_from_variance(var, norm, num_samples - 1, bias_correction=bias_correction)
-    return noise, signal_part(mean, norm)
+    return noise, signal_part(mean, norm), var
 
 
 def sample_covariance(
@@ -197,29 +212,34 @@ def sample_covariance(
     return (gram_sum.mul_(factor) if overwrite else gram_sum * factor), floor
 
 
-def gram_partial_sums(
-    gram_sum: torch.Tensor,
-    mean_gram: torch.Tensor,
+def matrix_parts(
+    grams: list[torch.Tensor],
     num_samples: int,
     sample_size: int,
     *,
     method: SqrtTraceMethod = "eigh",
     tol: float = 1e-3,
-    gram_dtype: torch.dtype | None = None,
     centered: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tr(C_hat^{1/2}), ||G||_*) of one matrix parameter from its Grams (``as_matrix`` view).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The matrix norm's kernel: (tr(C_hat^{1/2}), ||G||_*, C_hat, its resolution) of one
+    matrix parameter (``as_matrix`` view), float64 parts.
 
-    ``gram_sum`` is A = sum_s G_s G_s^T and ``mean_gram`` is G G^T of the mean gradient.
-    ``centered=True``: ``gram_sum`` is already sum_s (G_s - G)(G_s - G)^T (no cancellation).
-    ``gram_dtype``: the precision A was formed and communicated in (default: its own dtype);
-    eigenvalues of C_hat below that precision's resolution of A count as zero.
+    ``grams`` is ``[A, G G^T]``: A = sum_s G_s G_s^T (``centered=True``: already
+    sum_s (G_s - G)(G_s - G)^T, no cancellation) and the mean's Gram, both float64. They are
+    taken out of the list, and A is overwritten by C_hat: with no other reference held, the
+    m x m temporaries follow one another (the mean's Gram is freed before the decomposition
+    of C_hat) instead of stacking up on the rank that finishes the matrix. ``estimate_gns``
+    and the measurement session both call it.
     """
+    mean_gram = grams.pop()
+    gram_sum = grams.pop()
+    signal = mean_signal(mean_gram, method, tol=tol)
     cov, floor = sample_covariance(
-        gram_sum, mean_gram, num_samples, sample_size, gram_dtype=gram_dtype, centered=centered
+        gram_sum, mean_gram, num_samples, sample_size, centered=centered, overwrite=True
     )
+    del gram_sum, mean_gram
     noise = sqrt_trace(cov, method, tol=tol, floor=floor).to(torch.float64)
-    return noise, mean_signal(mean_gram, method, tol=tol, gram_dtype=gram_dtype)
+    return noise, signal, cov, floor
 
 
 def mean_signal(
@@ -237,7 +257,7 @@ def mean_signal(
 
 def pooled_noise_part(
     pooled: torch.Tensor,
-    norm: str,
+    norm: EstimateNorm,
     dof: float,
     floor: float = 0.0,
     *,
@@ -249,20 +269,21 @@ def pooled_noise_part(
     per-coordinate variances, sum sqrt / c4(dof); for nuclear, the covariance, tr(C^{1/2})
     with eigenvalues at or below ``floor`` counted as zero. float64. NaN when nothing finite has
     entered the pool yet (``dof`` NaN), without a decomposition of the placeholder."""
+    kind = norm_named(norm)
+    if not kind.pooled:
+        raise ValueError(f"{kind.name} is linear in the moments: nothing of it is pooled")
     if math.isnan(dof):
         return torch.tensor(math.nan, dtype=torch.float64, device=pooled.device)
-    if norm == "nuclear":
+    if kind.matrix:
         return sqrt_trace(pooled, method, tol=tol, floor=floor).to(torch.float64)
-    if norm == "l1":
-        return noise_from_variance(pooled, "l1", dof, bias_correction=bias_correction)
-    raise ValueError(f"only l1 and nuclear moments are pooled (l2 is linear in them), got {norm!r}")
+    return noise_from_variance(pooled, kind, dof, bias_correction=bias_correction)
 
 
 def pool_moment(
     pool: MomentPool,
     key: Hashable,
     moment: torch.Tensor,
-    norm: str,
+    norm: EstimateNorm,
     dof: float,
     floor: float = 0.0,
     *,
@@ -329,26 +350,31 @@ def settle(pool: MomentPool, trace: float, root: float, dof: float, keep: bool) 
         pool.drop()
 
 
-def finish(noise_part: float, signal_part: float, norm: str) -> tuple[float, float]:
-    """Turn summed partial sums into (noise, signal): square for the dual norms l1/nuclear."""
-    if norm == "l2":
-        return noise_part, signal_part
-    if norm in ("l1", "nuclear", "l1+nuclear"):
+def noise_and_signal(
+    noise_part: float, signal_part: float, norm: str | Norm
+) -> tuple[float, float]:
+    """Turn summed partial sums into (noise, signal): squared for the norms whose parts are
+    norms (l1, nuclear and their sum ``l1+nuclear``), as they are for l2."""
+    names = norm.name if isinstance(norm, Norm) else norm
+    if all(norm_named(name).squared for name in names.split("+")):
         return noise_part**2, signal_part**2
-    raise ValueError(f"unknown norm {norm!r}")
+    return noise_part, signal_part
 
 
-def combined_norm(norms: Sequence[str]) -> str:
-    """Name of the geometry a set of per-parameter norms adds up to (see module docstring)."""
-    kinds = set(norms)
+def combined_norm(norms: Sequence[str | Norm]) -> str:
+    """Name of the geometry a set of per-parameter norms adds up to (see module docstring):
+    the one norm, or the squared ones joined by ``+`` in registry order (``l1+nuclear``)."""
+    kinds = {norm_named(n) for n in norms}
     if not kinds:
         raise ValueError("no parameter is left in the estimate")
-    if "l2" in kinds and len(kinds) > 1:
+    linear = sorted(k.name for k in kinds if not k.squared)
+    if linear and len(kinds) > 1:
         raise ValueError(
-            f"l2 cannot be mixed with {sorted(kinds - {'l2'})} in one estimate: the Euclidean "
-            "noise scale sums variances, the dual norms sum standard deviations"
+            f"{linear[0]} cannot be mixed with {sorted(k.name for k in kinds if k.squared)} in "
+            "one estimate: the Euclidean noise scale sums variances, the dual norms sum "
+            "standard deviations"
         )
-    return kinds.pop() if len(kinds) == 1 else "l1+nuclear"
+    return "+".join(name for name, n in NORMS.items() if n in kinds)
 
 
 class MomentPool:
@@ -684,7 +710,7 @@ def _as_named_samples(
 
 def _resolve_norms(
     names: Sequence[str], shapes: Mapping[str, torch.Size], norm: NormSpec
-) -> dict[str, str]:
+) -> dict[str, Norm]:
     """Norm per measured parameter. Empty parameters (0 elements, e.g. (0, 5)) are left out
     under every norm, as the plan leaves them out (``capture.plan.plan_entries``): they add
     zero to every noise and signal sum and have no matrix to take a covariance of."""
@@ -701,38 +727,32 @@ def _resolve_norms(
 
 def _resolve_norms_of(
     names: Sequence[str], shapes: Mapping[str, torch.Size], norm: NormSpec
-) -> dict[str, str]:
-    if isinstance(norm, str):
+) -> dict[str, Norm]:
+    """(``shapes`` are of the stacked samples: a parameter's own shape is ``shape[1:]``.)"""
+    if isinstance(norm, (str, Norm)):
         if norm == "auto":
             raise ValueError(
                 "norm='auto' needs an optimizer to read the geometry from; estimate_gns takes "
                 "'l1', 'l2', 'nuclear' or a mapping name -> norm"
             )
-        if norm not in ("l1", "l2", "nuclear"):
-            raise ValueError(f"norm must be 'l1', 'l2', 'nuclear' or a mapping, got {norm!r}")
-        if norm == "nuclear":
-            # The paper's spectral estimate covers matrix parameters only.
-            chosen = {n: norm for n in names if len(shapes[n]) >= 3}
-            if not chosen:
-                raise ValueError("norm='nuclear' needs at least one parameter with >= 2 dims")
-            return chosen
-        return dict.fromkeys(names, norm)
+        kind = norm_named(norm, also=["a mapping"])
+        # one norm for every parameter it covers (the spectral estimate: matrices only)
+        chosen = {n: kind for n in names if kind.covers(shapes[n][1:])}
+        if not chosen:
+            raise ValueError(
+                f"norm={kind.name!r} needs at least one parameter with >= {kind.min_dims} dims"
+            )
+        return chosen
     unknown = sorted(set(norm) - set(names))
     if unknown:
         raise ValueError(f"norm mapping names parameters not in samples: {unknown}")
     chosen = {}
     for name in names:
-        kind = norm.get(name)
-        if kind is None:
+        if norm.get(name) is None:
             continue
-        if kind not in ("l1", "l2", "nuclear"):
-            raise ValueError(
-                f"norm for {name!r} must be 'l1', 'l2', 'nuclear' or None, got {kind!r}"
-            )
-        if kind == "nuclear" and len(shapes[name]) < 3:
-            raise ValueError(
-                f"norm 'nuclear' for {name!r} needs >= 2 dims, got {tuple(shapes[name][1:])}"
-            )
+        kind = norm_named(norm[name], also=["None"])
+        if not kind.covers(shapes[name][1:]):
+            raise ValueError(kind.shape_error(repr(name), shapes[name][1:]))
         chosen[name] = kind
     return chosen
 
@@ -771,7 +791,7 @@ def estimate_gns(
     norms = _resolve_norms(list(named), {n: t.shape for n, t in named.items()}, norm)
     total = combined_norm(list(norms.values()))
     dof = num_samples - 1
-    if total == "l2":
+    if not all(kind.pooled for kind in norms.values()):
         pool = None  # linear in the moments: nothing to pool (MeasurementSession does the same)
 
     layers: dict[str, LayerEstimate] = {}
@@ -779,28 +799,24 @@ def estimate_gns(
     pooled_parts = torch.zeros(3, dtype=torch.float64)
     for name, kind in norms.items():
         stack = named[name]
-        if kind == "nuclear":
+        if kind.matrix:
             mats = torch.stack([as_matrix(g) for g in stack])
             mean = mats.mean(0)
             deviations = mats - mean
-            cov, floor = sample_covariance(
-                torch.einsum("sik,sjk->ij", deviations, deviations),
-                mean @ mean.T,
-                num_samples,
-                sample_size,
-                centered=True,
+            grams = [torch.einsum("sik,sjk->ij", deviations, deviations), mean @ mean.T]
+            noise_t, signal_t, cov, floor = matrix_parts(
+                grams, num_samples, sample_size, method=sqrt_trace_method, centered=True
             )
-            noise_t = sqrt_trace(cov, sqrt_trace_method, floor=floor).to(torch.float64)
-            signal_t = mean_signal(mean @ mean.T, sqrt_trace_method)
             if pool is not None:
                 pooled_parts += pool_moment(
                     pool, name, cov, kind, dof, floor, trace=cov.diagonal().sum(),
                     method=sqrt_trace_method,
                 )  # fmt: skip
         else:
-            var = sample_variance(stack.mean(0), stack.square().sum(0), num_samples, sample_size)
-            noise_t = noise_from_variance(var, kind, dof, bias_correction=bias_correction)  # type: ignore[arg-type]
-            signal_t = signal_part(stack.mean(0), kind)  # type: ignore[arg-type]
+            noise_t, signal_t, var = coordinate_parts(
+                stack.mean(0), stack.square().sum(0), num_samples, sample_size, kind,
+                bias_correction=bias_correction,
+            )  # fmt: skip
             if pool is not None:  # l1 here: l2 is never pooled
                 pooled_parts += pool_moment(
                     pool, name, var, kind, dof, trace=var.sum(), bias_correction=bias_correction
@@ -808,13 +824,15 @@ def estimate_gns(
         noise_part += float(noise_t)
         signal_part_sum += float(signal_t)
         if layer_breakdown:
-            layer_noise, layer_signal = finish(float(noise_t), float(signal_t), kind)
-            layers[name] = LayerEstimate(kind, layer_noise, layer_signal)
+            layer_noise, layer_signal = noise_and_signal(float(noise_t), float(signal_t), kind)
+            layers[name] = LayerEstimate(kind.name, layer_noise, layer_signal)
 
-    noise, signal = finish(noise_part, signal_part_sum, total)
+    noise, signal = noise_and_signal(noise_part, signal_part_sum, total)
     pooled_noise = None
     if pool is not None:
-        pooled_noise = finish(pooled_root(pool, noise_part, pooled_parts.tolist()), 0.0, total)[0]
+        pooled_noise = noise_and_signal(
+            pooled_root(pool, noise_part, pooled_parts.tolist()), 0.0, total
+        )[0]
         finite = all(math.isfinite(v) for v in (noise, signal, pooled_noise))
         settle(pool, float(pooled_parts[2]), noise_part, dof, keep=finite)
     return GNSEstimate(

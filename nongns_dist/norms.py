@@ -6,24 +6,98 @@ The spectral geometry needs tr(C^{1/2}) of a symmetric positive semi-definite m 
 * ``sqrt_trace_eigh``: LAPACK/cuSOLVER ``eigvalsh``, negative eigenvalues (rounding) clamped.
 * ``sqrt_trace_newton_schulz``: matmul-only coupled Newton-Schulz iteration (Higham 2008,
   eq. 6.35) with an accelerated start and a stopping rule that bounds the relative error.
+
+The norms themselves are one registry (``NORMS``): each ``Norm`` says what every other layer
+needs to know about it (the optimizer geometry it is dual to, whether its statistics are per
+coordinate or per matrix, which parameters it covers, whether its parts are square roots to
+square and its moments worth pooling). Config, plan, estimators, optimizer geometry and the
+capture backends read it; adding a norm is adding an entry and its kernel.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 __all__ = [
+    "L1",
+    "L2",
+    "NORMS",
+    "NUCLEAR",
+    "Norm",
     "as_matrix",
     "c4",
     "c4_dof",
+    "norm_named",
     "polar_factor",
     "sqrt_trace",
     "sqrt_trace_eigh",
     "sqrt_trace_newton_schulz",
 ]
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A norm the noise scale is measured in (the dual of an optimizer's geometry)."""
+
+    #: What configs and estimates call it.
+    name: str
+    #: The steepest-descent geometry it is dual to (``nongns_dist.optim.geometry``).
+    geometry: str
+    #: Statistics per matrix (a Gram of each parameter's ``as_matrix`` view) rather than per
+    #: coordinate.
+    matrix: bool
+    #: Its additive parts are norms (standard deviations, sqrt-traces) whose sum is squared
+    #: when finished; otherwise they are already squares (variances), added as they are.
+    squared: bool
+
+    @property
+    def pooled(self) -> bool:
+        """Whether second moments are pooled across measurements: a square root is concave in
+        them (a root of few samples reads low); a sum of variances is linear and needs none."""
+        return self.squared
+
+    @property
+    def min_dims(self) -> int:
+        """Fewest dims of a parameter it covers: a matrix norm needs a matrix."""
+        return 2 if self.matrix else 0
+
+    def covers(self, shape: Sequence[int]) -> bool:
+        """Whether a parameter of this full shape is measured in this norm: matrix norms leave
+        vectors and scalars out (the spectral estimate is defined for matrices)."""
+        return len(shape) >= self.min_dims
+
+    def shape_error(self, what: str, shape: Sequence[int]) -> str:
+        """The message for ``what`` of ``shape`` asked to be measured in a norm that does not
+        cover it."""
+        return f"norm {self.name!r} for {what} needs >= {self.min_dims} dims, got {tuple(shape)}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+L1 = Norm("l1", geometry="sign", matrix=False, squared=True)
+L2 = Norm("l2", geometry="euclidean", matrix=False, squared=False)
+NUCLEAR = Norm("nuclear", geometry="spectral", matrix=True, squared=True)
+#: Every norm, by name.
+NORMS: dict[str, Norm] = {n.name: n for n in (L1, L2, NUCLEAR)}
+
+
+def norm_named(name: object, *, also: Sequence[str] = ()) -> Norm:
+    """The registered norm called ``name``; anything else (``also``: further names the caller
+    accepts but handles itself, e.g. ``auto``, only listed in the message) is a ``ValueError``
+    naming what is allowed."""
+    if isinstance(name, Norm):
+        return name
+    if isinstance(name, str) and name in NORMS:
+        return NORMS[name]
+    allowed = ", ".join(repr(n) for n in [*NORMS, *also])
+    raise ValueError(f"norm must be one of {allowed}, got {name!r}")
+
 
 # Muon's quintic (Jordan et al. 2024), read as a map on p = sigma^2: p -> p * h(p)^2 with
 # h(p) = a + b p + c p^2. It multiplies small p by a^2 ~ 11.9 per step (the classic step: 2.25)
@@ -60,10 +134,8 @@ def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     smaller for 46 of 48 square matrices, and the row side put the Muon group's sum 17-30% above
     the smaller one (BENCHMARKS.md "Row or column Gram for square matrices").
     """
-    if tensor.dim() < 2:
-        raise ValueError(
-            f"the nuclear norm needs a tensor with >= 2 dims, got shape {tuple(tensor.shape)}"
-        )
+    if not NUCLEAR.covers(tensor.shape):
+        raise ValueError(NUCLEAR.shape_error("a tensor", tensor.shape))
     matrix = tensor.reshape(tensor.shape[0], -1)
     return matrix if matrix.shape[0] < matrix.shape[1] else matrix.T
 

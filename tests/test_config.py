@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 
 from nongns_dist import GNSConfig
-from nongns_dist.config import RESUME_FIXED, as_config, check_count
+from nongns_dist.config import RESUME_FIXED, NormName, as_config, check_count
+from nongns_dist.norms import NORMS
 
 BAD_VALUES = [
     ("enabled", 1),
@@ -156,3 +158,7 @@ def test_check_resume_refuses_estimator_defining_fields_and_allows_the_rest():
     cfg.check_resume({"norm": "l1"})  # an older config without the newer fields
     with pytest.raises(ValueError, match="mapping"):
         cfg.check_resume("l1")  # type: ignore[arg-type]
+
+
+def test_the_config_names_every_registered_norm_and_auto():
+    assert typing.get_args(NormName) == (*NORMS, "auto")

@@ -79,7 +79,7 @@ def _equality_worker(rank, world_size, norm, acc, options):
     cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False, layer_breakdown=True,
                     check_consistency=True)  # fmt: skip
     monitor = attach(ddp, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
-    norms = {t.name: t.norm for t in monitor.plan.params}
+    norms = {t.name: t.norm.name for t in monitor.plan.params}
     pool = MomentPool.for_config(cfg)
     bound = Float32Bound(cfg.pool_dof)
     results = []
@@ -321,7 +321,7 @@ def test_single_rank_trains_without_measuring():
 def one_step_against_reference(model, monitor, opt, reference, rank, group):
     """One optimizer step of ``model``; returns its estimate and ``estimate_gns`` on the local
     gradients of the ranks of ``group``, recomputed on ``reference`` (the unwrapped model)."""
-    norms = {t.name: t.norm for t in monitor.plan.params}
+    norms = {t.name: t.norm.name for t in monitor.plan.params}
     _loss(reference, *_batch(rank, 0, 0)).backward()
     local = {n: p.grad.detach().double() for n, p in reference.named_parameters() if n in norms}
     gathered = [None] * dist.get_world_size(group)

@@ -83,7 +83,7 @@ def _equality(rank, world, stage, norm):
     engine = _engine(_config(stage, acc=2, norm=norm, layer_breakdown=True))
     plugin = engine.nongns
     reference = _model()
-    kinds = {t.name: t.norm for t in plugin.plan.params}
+    kinds = {t.name: t.norm.name for t in plugin.plan.params}
     pool = MomentPool.for_config(plugin.config)
     bound = Float32Bound(plugin.config.pool_dof)
     errors = []

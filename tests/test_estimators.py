@@ -11,9 +11,9 @@ import torch
 from nongns_dist import GNSConfig, estimate_gns
 from nongns_dist.estimators import (
     MomentPool,
-    coordinate_partial_sums,
-    finish,
-    gram_partial_sums,
+    coordinate_parts,
+    matrix_parts,
+    noise_and_signal,
     pooled_noise_part,
 )
 from nongns_dist.norms import c4
@@ -211,28 +211,27 @@ def test_partial_sums_add_across_slices():
     samples = torch.from_numpy(rng.normal(0.02, 1, (4, 1000)))
     mean, sq = samples.mean(0), samples.square().sum(0)
     for norm in ("l1", "l2"):
-        whole = coordinate_partial_sums(mean, sq, 4, 8, norm)
+        whole = coordinate_parts(mean, sq, 4, 8, norm)
         parts = [
-            coordinate_partial_sums(mean[s], sq[s], 4, 8, norm)
-            for s in (slice(0, 333), slice(333, None))
+            coordinate_parts(mean[s], sq[s], 4, 8, norm) for s in (slice(0, 333), slice(333, None))
         ]
         noise = sum(float(p[0]) for p in parts)
         signal = sum(float(p[1]) for p in parts)
-        assert finish(noise, signal, norm) == pytest.approx(
-            finish(float(whole[0]), float(whole[1]), norm), rel=1e-12
+        assert noise_and_signal(noise, signal, norm) == pytest.approx(
+            noise_and_signal(float(whole[0]), float(whole[1]), norm), rel=1e-12
         )
         assert estimate_gns(samples, 8, norm).noise == pytest.approx(
-            finish(noise, signal, norm)[0], rel=1e-12
+            noise_and_signal(noise, signal, norm)[0], rel=1e-12
         )
 
 
-def test_gram_partial_sums_float32_inputs_accumulate_in_float64():
+def test_matrix_parts_float32_inputs_accumulate_in_float64():
     rng = _rng(10)
     g = torch.from_numpy(rng.normal(0, 1, (3, 5, 20))).float()
-    noise, signal = gram_partial_sums(
-        torch.einsum("sik,sjk->ij", g, g), g.mean(0) @ g.mean(0).T, 3, 2
-    )
+    grams = [torch.einsum("sik,sjk->ij", g, g), g.mean(0) @ g.mean(0).T]
+    noise, signal, _, _ = matrix_parts(grams, 3, 2)
     assert noise.dtype == signal.dtype == torch.float64
+    assert grams == []  # taken out: the caller holds no m x m temporary
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nongns_dist.capture.session as session_module
 from nongns_dist import GNSConfig, attach
-from nongns_dist.capture.session import MeasurementError, SampleAccumulator
+from nongns_dist.capture.accumulator import SampleAccumulator
+from nongns_dist.capture.session import MeasurementError
 
 from .distributed import spawn
 
@@ -222,7 +223,7 @@ _TARGETS = {
     # the owner's square-root traces (nuclear)
     "eigvalsh": (torch.linalg, "eigvalsh", _injected),
     # the l1/l2 variance formula on this rank's slice
-    "variance": (session_module, "sample_variance", _injected_runtime),
+    "variance": (session_module, "coordinate_parts", _injected_runtime),
     # reading a per-micro-step sample in, during backward (ZeRO-2, one process)
     "sample": (SampleAccumulator, "_add_sample", _injected_runtime),
 }

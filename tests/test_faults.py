@@ -198,7 +198,8 @@ def _ddp_scaler_worker(rank, world_size, norm):
             )
             continue
         want = estimate_gns(gathered, MICRO * 2, norm, pool=pool)  # pool: steps 0 and 2 only
-        tol = bound.step(gathered, MICRO * 2, {t.name: t.norm for t in monitor.plan.params}, pool)
+        norms = {t.name: t.norm.name for t in monitor.plan.params}
+        tol = bound.step(gathered, MICRO * 2, norms, pool)
         out["errors"].append(_relative_errors(monitor.last_estimate, want, tol))
     return out
 

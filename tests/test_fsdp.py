@@ -111,7 +111,7 @@ def _equality_worker(rank, world_size, norm, acc, options):
     cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False, layer_breakdown=True,
                     check_consistency=True)  # fmt: skip
     monitor = attach(model, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
-    norms = {t.name: t.norm for t in monitor.plan.params}
+    norms = {t.name: t.norm.name for t in monitor.plan.params}
     pool = MomentPool.for_config(cfg)
     bound = Float32Bound(cfg.pool_dof)
     results = []

@@ -48,7 +48,7 @@ def test_one_process_estimate_equals_reference_on_cuda(norm: str) -> None:
     cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False)
     monitor = attach(module, cfg, opt, micro_batch_size=MICRO, accumulation_steps=3)
     assert monitor.session is not None and monitor.session.device.type == CUDA.type
-    norms = {t.name: t.norm for t in monitor.plan.params}
+    norms = {t.name: t.norm.name for t in monitor.plan.params}
     pool = MomentPool.for_config(cfg)
     bound = Float32Bound(cfg.pool_dof)
     for step in range(3):

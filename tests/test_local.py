@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nongns_dist import GNSConfig, attach, estimate_gns
+from nongns_dist import GNSConfig, StepEvents, attach, estimate_gns
 from nongns_dist.estimators import MomentPool
 
 from .float32_bounds import Float32Bound
@@ -23,7 +23,7 @@ def _run(norm: str, acc: int, steps: int = 3, **config):
     opt = _make_optimizer("muon" if norm == "auto" else "signum", module)
     cfg = GNSConfig(norm=norm, interval=1, adapt_batch_size=False, layer_breakdown=True, **config)
     monitor = attach(module, cfg, opt, micro_batch_size=MICRO, accumulation_steps=acc)
-    norms = {t.name: t.norm for t in monitor.plan.params}
+    norms = {t.name: t.norm.name for t in monitor.plan.params}
     pool = MomentPool.for_config(cfg)
     bound = Float32Bound(cfg.pool_dof)
     results = []
@@ -84,6 +84,41 @@ def test_one_process_grows_its_batch():
         opt.zero_grad()
     assert monitor.batch_size == 8 * MICRO  # the cap: theta 0.05 asks for far more
     assert all(m == pytest.approx((b / (2 * MICRO)) ** 0.5) for b, m in lrs)
+
+
+def test_every_closed_step_reaches_on_events_with_what_it_ran_with():
+    """attach(on_events=): one StepEvents per closed step; "measured" agrees with the
+    controller's schedule and the monitor's own estimate; the batch grows, so what a step ran
+    with differs from the decision it ends with."""
+    torch.manual_seed(0)
+    module = Net()
+    opt = _make_optimizer("signum", module)
+    cfg = GNSConfig(norm="l1", interval=2, theta=0.05, max_batch_size=8 * MICRO)
+    seen: list[StepEvents] = []
+    monitor = attach(
+        module, cfg, opt, micro_batch_size=MICRO, accumulation_steps=2, on_events=seen.append
+    )
+    expected = []
+    for step in range(5):
+        ran = (monitor.batch_size, monitor.accumulation_steps, monitor.controller.lr_multiplier)
+        measures, before = monitor.controller.is_measurement_step, monitor.last_estimate
+        for micro in monitor.micro_steps():
+            with micro:
+                (_loss(module, *_batch(0, step, micro.index)) / micro.loss_divisor).backward()
+        opt.step()
+        opt.zero_grad()
+        events = seen[-1]
+        assert len(seen) == step + 1
+        assert (events.batch_size, events.accumulation_steps, events.lr_multiplier) == ran
+        assert (events.step, events.samples) == (monitor.step, monitor.samples)
+        assert events.measured == measures == (monitor.last_estimate is not before)
+        assert events.estimate is (monitor.last_estimate if measures else None)
+        assert events.decision is monitor.last_decision and events.applied
+        expected.append(measures)
+        tags = {tag for tag, _, x in events.scalars() if x == monitor.samples}
+        assert ("Train/nongns/gns_raw" in tags) == measures
+    assert expected == [True, False, True, False, True]
+    assert seen[-1].batch_size > seen[0].batch_size  # it grew, and the events say so
 
 
 def test_one_process_with_one_micro_step_warns_and_does_not_measure(caplog):

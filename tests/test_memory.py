@@ -57,7 +57,7 @@ def _memory_worker(rank, world_size, engine, norm):
     owned = sum(
         t.gram_size * (t.gram_size + 1) // 2 * 8
         for t in session.plan.params
-        if t.norm == "nuclear" and t.owner == rank
+        if t.norm.matrix and t.owner == rank
     )
     return held, between, owned
 

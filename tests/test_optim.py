@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from nongns_dist.capture.plan import module_plan_entries
+from nongns_dist.norms import L1, NUCLEAR
 from nongns_dist.optim import (
     LRMultiplier,
     Muon,
@@ -17,7 +19,6 @@ from nongns_dist.optim import (
     SpecSGD,
     group_norms,
     muon_param_groups,
-    parameter_norms,
 )
 
 from .distributed import spawn
@@ -307,12 +308,12 @@ def test_auto_geometry_resolution():
     assert group_norms(torch.optim.Muon([model.q.weight])) == ["nuclear"]
     hybrid = Muon(muon_param_groups(model))
     assert group_norms(hybrid) == ["nuclear", None]  # the aux group is left out, as in the paper
-    norms = parameter_norms(hybrid, "auto")
-    assert norms[model.q.weight] == "nuclear" and norms[model.embed.weight] is None
+    norms = {name: k for name, _, k in module_plan_entries(model, "auto", hybrid)}
+    assert norms["q.weight"] is NUCLEAR and norms["embed.weight"] is None
     # explicit norms override the optimizer; nuclear covers matrices only
-    explicit = parameter_norms(Signum(params), "nuclear")
-    assert explicit[model.q.weight] == "nuclear" and explicit[model.norm.weight] is None
-    assert set(parameter_norms(hybrid, "l1").values()) == {"l1"}
+    explicit = {name: k for name, _, k in module_plan_entries(model, "nuclear", Signum(params))}
+    assert explicit["q.weight"] is NUCLEAR and explicit["norm.weight"] is None
+    assert {k for _, _, k in module_plan_entries(model, "l1", hybrid)} == {L1}
     # a group may declare its geometry itself
     sgd = torch.optim.SGD([{"params": params, "geometry": "sign"}], lr=0.1)
     assert group_norms(sgd) == ["l1"]
@@ -321,7 +322,7 @@ def test_auto_geometry_resolution():
     with pytest.raises(ValueError, match="unknown geometry"):
         group_norms(torch.optim.SGD([{"params": params, "geometry": "hyperbolic"}], lr=0.1))
     with pytest.raises(ValueError, match="optimizer"):
-        parameter_norms(None, "auto", params)
+        module_plan_entries(model, "auto", None)
 
 
 # -- the lr multiplier composes with schedulers -----------------------------------------------

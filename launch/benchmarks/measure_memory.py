@@ -118,7 +118,7 @@ def _expected_pool_bytes(session: Any) -> int:
     """The pool's size from the plan: what ``memory_bytes`` should report between steps."""
     total = 0
     for t in session.plan.params:
-        if t.norm == "nuclear":
+        if t.norm.matrix:
             if t.owner == session.rank:
                 total += t.gram_size * (t.gram_size + 1) // 2 * 8
         else:  # DDP: each parameter split evenly over the ranks; FSDP2: the rank's shard

@@ -1,8 +1,9 @@
 """The interface every capture backend implements (one file per backend, nothing else).
 
 A backend turns one engine's gradient reduction into statistics for a ``MeasurementSession``:
-it names the parameters as the plan sees them, says what one sample is, installs its hook,
-and gives the driver a way to accumulate micro-steps without reducing.
+it names the parameters as the plan sees them, says what one sample is, installs its hook
+(every hook's one duty towards the session: ``session.reduction(key)``), and, for the
+torch-native driver, gives a way to accumulate micro-steps without reducing.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from nongns_dist.capture.plan import PlanEntry
 from nongns_dist.capture.session import MeasurementSession, SampleKind
 
-__all__ = ["GradientCapture"]
+__all__ = ["GradientCapture", "TorchCapture"]
 
 
 class GradientCapture(Protocol):
@@ -33,11 +34,12 @@ class GradientCapture(Protocol):
         ...
 
     def install(self, session: MeasurementSession) -> None:
-        """Start feeding ``session`` whenever it is armed (default reduction otherwise)."""
-        ...
-
-    def no_sync(self) -> contextlib.AbstractContextManager[object]:
-        """Accumulate this micro-step's gradient locally, without reducing it."""
+        """Start feeding ``session``. Every hook, at each gradient reduction it sees (a bucket,
+        an FSDP unit, a parameter's gradient), calls ``session.reduction(key)`` once, and
+        measures that reduction only if it returns True (the session is armed): it counts the
+        step's reductions (how the torch-native driver tells a training step from an optimizer
+        step without one) and refuses a second synchronised backward in a measuring step.
+        Otherwise the engine's default reduction runs, unchanged."""
         ...
 
     def flush(self) -> None:
@@ -52,4 +54,14 @@ class GradientCapture(Protocol):
 
     def remove(self) -> None:
         """Undo ``install`` where the engine allows it."""
+        ...
+
+
+class TorchCapture(GradientCapture, Protocol):
+    """A capture driven by the torch-native accumulation driver (``attach``), which decides
+    which micro-steps reduce. (DeepSpeed marks its own boundary: its capture has no
+    ``no_sync``.)"""
+
+    def no_sync(self) -> contextlib.AbstractContextManager[object]:
+        """Accumulate this micro-step's gradient locally, without reducing it."""
         ...

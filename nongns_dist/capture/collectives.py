@@ -22,7 +22,9 @@ from nongns_dist.capture.plan import TrackedParam
 
 __all__ = [
     "all_gather",
+    "exact_sum_travels",
     "gram_triangle",
+    "group_rank_and_size",
     "reduce_scatter",
     "reduce_scatter_rows",
     "reduce_scatter_segments",
@@ -211,3 +213,16 @@ def reduce_to_owners(
         for t, (owner, offset), size in zip(params, offsets, sizes, strict=True)
         if owner == rank
     }
+
+
+def exact_sum_travels(dtype: torch.dtype) -> bool:
+    """Below float32 the reduced mean is too coarse for Q - n g^2: the float32 local gradient
+    then travels with its squares, so each rank gets an exact sum S of its chunk as well."""
+    return dtype not in (torch.float32, torch.float64)
+
+
+def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, size) in ``group``; (0, 1) without torch.distributed."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)

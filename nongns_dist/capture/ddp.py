@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from nongns_dist.capture.collectives import exact_sum_travels
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, module_plan_entries
-from nongns_dist.capture.session import MeasurementSession, SampleKind, exact_sum_travels
+from nongns_dist.capture.session import MeasurementSession, SampleKind
 
 __all__ = ["DDPCapture", "gns_allreduce_hook"]
 
@@ -88,7 +89,6 @@ class DDPCapture:
 
     # -- measuring -----------------------------------------------------------------------------
     def _capture(self, session: MeasurementSession, bucket: dist.GradBucket) -> _BucketRecord:
-        session.claim(("ddp bucket", bucket.index()))
         if not self._records:
             # The first bucket of this backward: finish the rest at its end (after DDP's own
             # finalize callback, queued at the first gradient) and before clipping can run.
@@ -102,7 +102,7 @@ class DDPCapture:
         for param in bucket.parameters():
             end = start + param.numel()
             tracked = self.tracked.get(id(param))
-            if tracked is not None and tracked.norm == "nuclear":
+            if tracked is not None and tracked.norm.matrix:
                 # kept until the average exists: the Gram is of the deviation G_r - G (None:
                 # the copy failed, the session has the failure and this rank sends zeros)
                 local = session.guarded(buffer[start:end].clone)
@@ -185,10 +185,8 @@ def gns_allreduce_hook(
     """The DDP comm hook: ``allreduce_hook`` plus, on measuring steps, gradient statistics."""
     session = state.session
     record = None
-    if session is not None:
-        session.reductions += 1
-        if session.armed:
-            record = state._capture(session, bucket)
+    if session is not None and session.reduction(("ddp bucket", bucket.index())):
+        record = state._capture(session, bucket)
     tensor = bucket.buffer()
     tensor.div_(state.world_size)  # as allreduce_hook: divide first (fp16 overflow)
     future = dist.all_reduce(tensor, group=state.group, async_op=True).get_future()

@@ -21,20 +21,20 @@ one rank raises ``MeasurementError`` on every rank before any of them applies th
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from nongns_dist.capture.accumulator import SampleAccumulator
 from nongns_dist.capture.plan import (
     PlanEntry,
     TrackedParam,
     check_measurable_module,
     plan_entries,
 )
-from nongns_dist.capture.session import MeasurementSession, SampleAccumulator, SampleKind
+from nongns_dist.capture.session import MeasurementSession, SampleKind
 from nongns_dist.optim.geometry import group_norms
 
 __all__ = ["DeepSpeedCapture", "basic_optimizer", "check_supported", "loss_scale"]
@@ -144,11 +144,6 @@ class DeepSpeedCapture:
         shapes = {id(p): torch.Size(p.ds_shape) for _, p in named if hasattr(p, "ds_shape")}
         return plan_entries(named, norm, kinds, shape_of=shapes)
 
-    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
-        raise NotImplementedError(
-            "DeepSpeed accumulates by itself: the plugin marks the boundary before each backward"
-        )
-
     def remove(self) -> None:
         self.session = None
 
@@ -179,7 +174,7 @@ class DeepSpeedCapture:
     def _add(self, param: torch.Tensor, grad: torch.Tensor | None, factor: float) -> None:
         tracked = self._tracked.get(id(param))
         session = self.session
-        if tracked is None or grad is None or session is None or not session.armed:
+        if tracked is None or grad is None or session is None or not session.reduction():
             return
         if self._accumulator is None:
             self._accumulator = SampleAccumulator(session)

@@ -30,14 +30,9 @@ import torch.distributed as dist
 from torch.distributed.algorithms._comm_hooks import default_hooks
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-from nongns_dist.capture.collectives import all_gather
+from nongns_dist.capture.collectives import all_gather, exact_sum_travels, group_rank_and_size
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, clean_fqn, group_kinds, plan_entries
-from nongns_dist.capture.session import (
-    MeasurementSession,
-    SampleKind,
-    exact_sum_travels,
-    group_rank_and_size,
-)
+from nongns_dist.capture.session import MeasurementSession, SampleKind
 
 __all__ = ["FSDP1Capture", "gns_fsdp_hook"]
 
@@ -132,7 +127,7 @@ class FSDP1Capture:
             for segment in segments:
                 tracked = session.plan.get(segment.name)  # None: frozen or not measured
                 if tracked is not None:
-                    spans = matrices if tracked.norm == "nuclear" else coords
+                    spans = matrices if tracked.norm.matrix else coords
                     spans.append((tracked, segment.start, segment.end))
             unit._comm_hook_state = _UnitState(self, unit, coords, matrices)
 
@@ -210,7 +205,6 @@ class _UnitState:
     def measure(
         self, session: MeasurementSession, grad: torch.Tensor, output: torch.Tensor | None
     ) -> None:
-        session.claim(self)
         world = session.world_size
         if output is not None and grad.numel() != world * output.numel():
             raise RuntimeError(f"FSDP1 shard of {output.numel()} for {grad.numel()} elements")
@@ -246,9 +240,7 @@ def gns_fsdp_hook(
     """The FSDP1 comm hook: sharded strategies call it with (padded local grad, output shard),
     NO_SHARD with the grad alone (reduced in place)."""
     session = state.capture.session
-    if session is not None:
-        session.reductions += 1
-    if session is not None and session.armed:
+    if session is not None and session.reduction(state):
         state.measure(session, grad, output)
     else:
         state.reduce(grad, output)

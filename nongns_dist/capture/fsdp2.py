@@ -39,9 +39,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from nongns_dist.capture.collectives import all_gather
+from nongns_dist.capture.collectives import all_gather, exact_sum_travels
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, module_plan_entries
-from nongns_dist.capture.session import MeasurementSession, SampleKind, exact_sum_travels
+from nongns_dist.capture.session import MeasurementSession, SampleKind
 
 __all__ = ["FSDP2Capture", "slot_width", "unchunk"]
 
@@ -245,10 +245,8 @@ class FSDP2Capture:
     def _hook(self, unit: _Unit) -> Callable[[torch.Tensor], None]:
         def all_reduce_hook(output: torch.Tensor) -> None:
             session = self.session
-            if session is not None:
-                session.reductions += 1
             try:
-                if session is not None and session.armed:
+                if session is not None and session.reduction(unit):
                     self._measure(session, unit, output)
             finally:
                 unit.comm.release()
@@ -263,7 +261,6 @@ class FSDP2Capture:
         shard_group = _shard_group(param_group)
         replicate_group = _replicate_group(param_group)
         shards = shard_group.size() if shard_group is not None else 1
-        session.claim(unit)
         local_flat = unit.comm.take_input(output, shards)
         if local_flat.device.type != "cpu":
             # read on the all-reduce stream, while FSDP frees the buffer after the reduce-scatter
@@ -287,7 +284,7 @@ class FSDP2Capture:
         spans, matrices, start = [], [], 0
         for fsdp_param, width in zip(fsdp_params, widths, strict=True):
             tracked = self.tracked.get(id(fsdp_param.sharded_param))
-            if tracked is not None and tracked.norm == "nuclear":
+            if tracked is not None and tracked.norm.matrix:
                 matrices.append((tracked, fsdp_param, start, width))
             elif tracked is not None:
                 spans.append((tracked, start, start + width))

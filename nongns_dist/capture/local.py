@@ -19,8 +19,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from nongns_dist.capture.accumulator import SampleAccumulator
 from nongns_dist.capture.plan import PlanEntry, TrackedParam, module_plan_entries
-from nongns_dist.capture.session import MeasurementSession, SampleAccumulator, SampleKind
+from nongns_dist.capture.session import MeasurementSession, SampleKind
 
 __all__ = ["LocalCapture"]
 
@@ -80,10 +81,8 @@ class LocalCapture:
     def _hook(self, tracked: TrackedParam) -> Any:
         def hook(grad: torch.Tensor) -> None:
             session = self.session
-            if session is None:
-                return
-            session.reductions += 1  # a backward reached the parameters: a training step
-            if not session.armed:
+            # a backward reached the parameters: a training step (measured when armed)
+            if session is None or not session.reduction():
                 return
             if self._accumulator is None:
                 self._accumulator = SampleAccumulator(session)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from nongns_dist.estimators import check_dense_real, combined_norm
+from nongns_dist.norms import Norm, norm_named
 from nongns_dist.optim.geometry import group_norms
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 #: (cleaned name, shape of the full unsharded parameter, norm or None for "not measured")
-PlanEntry = tuple[str, torch.Size, str | None]
+PlanEntry = tuple[str, torch.Size, Norm | None]
 
 
 def clean_fqn(name: str) -> str:
@@ -49,7 +50,7 @@ class TrackedParam:
 
     index: int  # row in the partial-sum table
     name: str  # cleaned fully-qualified name
-    norm: str  # l1, l2 or nuclear
+    norm: Norm  # from the registry (``nongns_dist.norms.NORMS``)
     shape: torch.Size  # of the full (unsharded) parameter
     owner: int | None = None  # nuclear only: the rank that reduces and finishes its Gram
 
@@ -80,9 +81,7 @@ class MeasurementPlan:
         self.norm = combined_norm([k for _, _, k in measured])  # raises on l2 + dual mixes
         load = [0.0] * world_size
         owners: dict[int, int] = {}
-        work = [
-            TrackedParam(0, n, k, s).gram_size ** 3 if k == "nuclear" else 0 for n, s, k in measured
-        ]
+        work = [TrackedParam(0, n, k, s).gram_size ** 3 if k.matrix else 0 for n, s, k in measured]
         for i in sorted((i for i, w in enumerate(work) if w), key=lambda i: (-work[i], i)):
             owner = min(range(world_size), key=lambda r: (load[r], r))
             owners[i] = owner
@@ -92,7 +91,7 @@ class MeasurementPlan:
             for i, (name, shape, kind) in enumerate(measured)
         ]
         self.by_name = {t.name: t for t in self.params}
-        self.matrices = [t for t in self.params if t.norm == "nuclear"]
+        self.matrices = [t for t in self.params if t.norm.matrix]
 
     def get(self, name: str) -> TrackedParam | None:
         """The tracked parameter of a (raw or cleaned) name, or None if it is not measured."""
@@ -206,20 +205,21 @@ def plan_entries(
         check_dense_real(f"parameter {clean_fqn(name)!r}", p)
     if norm == "auto" and kinds is None:
         raise ValueError("norm='auto' needs the optimizer; pass optimizer= or pick a norm")
-    if norm not in ("l1", "l2", "nuclear", "auto"):
-        raise ValueError(f"norm must be 'l1', 'l2', 'nuclear' or 'auto', got {norm!r}")
+    chosen = None if norm == "auto" else norm_named(norm, also=["auto"])
     entries: list[PlanEntry] = []
     for name, p in named:
         shape = torch.Size((shape_of or {}).get(id(p), p.shape))
-        kind = kinds.get(id(p)) if norm == "auto" and kinds is not None else norm
-        if kind == "nuclear" and len(shape) < 2:  # the spectral estimate is for matrices
+        given = chosen if chosen is not None else (kinds or {}).get(id(p))
+        kind = None if given is None else norm_named(given)
+        if kind is not None and not kind.covers(shape):  # the spectral estimate: matrices
             kind = None
         if shape.numel() == 0:  # nothing to measure: zero in every sum, no Gram
             kind = None
         entries.append((clean_fqn(name), shape, kind))
-    if norm == "nuclear" and not any(k == "nuclear" for _, _, k in entries):
+    if chosen is not None and chosen.matrix and not any(k is not None for _, _, k in entries):
         raise ValueError(
-            "norm='nuclear' needs at least one trainable, non-empty parameter with >= 2 dims"
+            f"norm={chosen.name!r} needs at least one trainable, non-empty parameter with >= "
+            f"{chosen.min_dims} dims"
         )
     if not any(k is not None for _, _, k in entries):
         raise ValueError(

@@ -35,14 +35,18 @@ Matrices are finished as they arrive: each rank forms the float64 Gram of its de
 the mean, the upper triangles go to the matrix's owner only (``reduce_to_owners``), the owner
 takes both square-root traces and keeps two scalars. Extra memory is bounded by
 ``triangle_budget`` float64 elements per reduction plus one matrix's temporaries, whatever the
-number of layers. (``SampleAccumulator``, for samples that arrive over micro-steps, keeps its
-sums until the step's end instead: that memory does grow with the model.)
+number of layers. (``capture.accumulator.SampleAccumulator``, for samples that arrive over
+micro-steps, keeps its sums until the step's end instead: that memory grows with the model.)
+
+Kept elsewhere, each in a module of its own: the pooled moments between steps
+(``capture.pooling.RankPool``), the extra collectives (``capture.collectives``), the
+micro-step accumulator (``capture.accumulator``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -50,7 +54,9 @@ import torch.distributed as dist
 
 from nongns_dist.capture.collectives import (
     all_gather,
+    exact_sum_travels,
     gram_triangle,
+    group_rank_and_size,
     reduce_scatter_rows,
     reduce_scatter_segments,
     reduce_to_owners,
@@ -58,30 +64,21 @@ from nongns_dist.capture.collectives import (
     upper_triangle,
 )
 from nongns_dist.capture.plan import MeasurementPlan, TrackedParam
+from nongns_dist.capture.pooling import RankPool
 from nongns_dist.config import GNSConfig
 from nongns_dist.estimators import (
     GNSEstimate,
     LayerEstimate,
-    MomentPool,
-    finish,
-    mean_signal,
-    noise_from_variance,
-    pool_moment,
-    pooled_root,
-    sample_covariance,
-    sample_variance,
-    settle,
-    signal_part,
+    coordinate_parts,
+    matrix_parts,
+    noise_and_signal,
 )
-from nongns_dist.norms import as_matrix, sqrt_trace
+from nongns_dist.norms import as_matrix
 
 __all__ = [
     "MeasurementError",
     "MeasurementSession",
-    "SampleAccumulator",
     "SampleKind",
-    "exact_sum_travels",
-    "group_rank_and_size",
 ]
 
 logger = logging.getLogger("nongns_dist")
@@ -99,19 +96,6 @@ class MeasurementError(RuntimeError):
     def __init__(self, message: str, ranks: list[int]) -> None:
         super().__init__(message)
         self.ranks = ranks
-
-
-def exact_sum_travels(dtype: torch.dtype) -> bool:
-    """Below float32 the reduced mean is too coarse for Q - n g^2: the float32 local gradient
-    then travels with its squares, so each rank gets an exact sum S of its chunk as well."""
-    return dtype not in (torch.float32, torch.float64)
-
-
-def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """(rank, size) in ``group``; (0, 1) without torch.distributed."""
-    if not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 class MeasurementSession:
@@ -168,13 +152,8 @@ class MeasurementSession:
         #: a slice in this rank's layout, or (param index,) of an owned matrix.
         #: l2 (the Euclidean noise scale) is linear in the moments: pooling would change only
         #: the smoothing, so it keeps the paper's EMA of the noise (no pool).
-        pooled = config.pool_moments and plan.norm != "l2"
-        self.pool = MomentPool.for_config(config) if pooled else None
-        #: This measurement's total trace (sum of every measured variance) and root (summed
-        #: noise parts), for ``settle_pool``.
-        self._trace = self._root = 0.0
-        self._slices: dict[int, list[tuple[int, int, int]]] = {}
-        self._touched: set[Hashable] = set()  # pool entries this measurement updated
+        pooled = config.pool_moments and all(t.norm.pooled for t in plan.params)
+        self.pool = RankPool(plan, config, self.device) if pooled else None
         #: The loss scale of the armed step's backward (None: gradients are not scaled).
         self.loss_scale: Callable[[], float] | None = None
         self._inverse_scale: float | None = None  # 1 / loss_scale(), read once per step
@@ -194,10 +173,21 @@ class MeasurementSession:
         """Whether some accumulation count gives the 2 samples a variance needs."""
         return self.sample_kind == "micro" or self.world_size >= 2
 
-    def claim(self, reduction: object) -> None:
-        """A per-rank backend reports that it measures ``reduction`` (a bucket, an FSDP unit).
-        The same one twice in one measuring step means a second synchronised backward, whose
-        gradients are not this step's per-rank samples: refused rather than mixed in."""
+    def reduction(self, key: object = None) -> bool:
+        """A capture hook's one duty: report each gradient reduction it sees; returns whether to
+        measure it (the session is armed). Counts ``reductions`` (the driver tells a training
+        step by it). ``key`` (a bucket, an FSDP unit; None for backends whose samples are
+        micro-steps) is claimed on a measuring step: the same one twice means a second
+        synchronised backward, whose gradients are not this step's per-rank samples: refused
+        (``RuntimeError``) rather than mixed in."""
+        self.reductions += 1
+        if not self.armed:
+            return False
+        if key is not None:
+            self._claim(key)
+        return True
+
+    def _claim(self, reduction: object) -> None:
         if reduction in self._claimed:
             raise RuntimeError(
                 "a measuring step ran more than one synchronised backward; run the micro-steps "
@@ -216,17 +206,14 @@ class MeasurementSession:
         self.num_samples, self.sample_size = self.sample_counts(accumulation_steps)
         self.accumulation_steps = accumulation_steps
         self._claimed.clear()
-        self._touched.clear()
         self._inverse_scale = None
         self.failure = None
         self._estimate = None
-        if self.pool is not None:
-            self.pool.rollback()  # nothing of an abandoned measurement stays
+        if self.pool is not None:  # nothing of an abandoned measurement stays
+            self.pool.begin(staged=self.loss_scale is not None)
         if self.num_samples < 2:
             self._partial = None
             return False
-        if self.pool is not None and self.pool.level_beta is None and self.loss_scale is not None:
-            self.pool.stage()  # (level-and-bias mode holds every measurement until settled)
         self._partial = torch.zeros(
             len(self.plan.params), 5, dtype=torch.float64, device=self.device
         )
@@ -237,7 +224,7 @@ class MeasurementSession:
         self.failure = None
         self._estimate = None
         if self.pool is not None:
-            self.pool.rollback()
+            self.pool.abandon()
 
     def guarded(self, compute: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
         """``compute(*args, **kwargs)``: local measurement math of this rank (no collective
@@ -262,12 +249,12 @@ class MeasurementSession:
         """After ``finish``: keep the measurement's staged pool updates, or drop them (a step
         the loss scaler skipped, a non-finite estimate). A no-op when nothing was staged."""
         if self.pool is not None:
-            settle(self.pool, self._trace, self._root, self.num_samples - 1, keep)
+            self.pool.settle(keep, self.num_samples - 1)
 
     def restart_pool(self) -> None:
         """Empty the pool (``MomentPool.restart``): the driver's call at the end of the warm-up.
         Moment mode keeps its pool: it has no bias ratio to protect."""
-        if self.pool is not None and self.pool.level_beta is not None:
+        if self.pool is not None:
             self.pool.restart()
 
     def _unscale(self) -> float:
@@ -288,7 +275,7 @@ class MeasurementSession:
         no extra collective unless it happened (then one small gather of the messages)."""
         partial = self._table()
         if self.pool is not None:
-            self.guarded(self._pool_untouched, partial)
+            self.guarded(self.pool.fill_untouched, partial, self.num_samples - 1)
         self._partial = None
         failure, self.failure = self.failure, None
         flags = torch.zeros(self.world_size, dtype=partial.dtype, device=partial.device)
@@ -303,17 +290,17 @@ class MeasurementSession:
             self._raise_failure(failed, failure)
         rows = packed[: partial.numel()].view(partial.shape)
         totals = rows.sum(0)
-        noise, signal = finish(float(totals[0]), float(totals[1]), self.plan.norm)
+        noise, signal = noise_and_signal(float(totals[0]), float(totals[1]), self.plan.norm)
         pooled_noise = None
         if self.pool is not None:
-            self._trace, self._root = float(totals[4]), float(totals[0])
-            pooled_noise = finish(
-                pooled_root(self.pool, self._root, totals[2:5].tolist()), 0.0, self.plan.norm
-            )[0]
+            root = self.pool.pooled_root(float(totals[0]), totals[2:5].tolist())
+            pooled_noise = noise_and_signal(root, 0.0, self.plan.norm)[0]
         layers = None
         if self.config.layer_breakdown:
             layers = {
-                t.name: LayerEstimate(t.norm, *finish(float(row[0]), float(row[1]), t.norm))
+                t.name: LayerEstimate(
+                    t.norm.name, *noise_and_signal(float(row[0]), float(row[1]), t.norm)
+                )
                 for t, row in zip(self.plan.params, rows, strict=True)
             }
         estimate = GNSEstimate(
@@ -370,92 +357,18 @@ class MeasurementSession:
         ) from failure
 
     def memory_bytes(self) -> int:
-        """Bytes of tensors this session holds now. Between measuring steps that is the pool
-        alone: for each l1 slice on this rank one float32 moment per coordinate, for each
-        matrix this rank OWNS the float64 upper triangle of its m x m moment, m(m+1)/2 x 8
-        bytes (no other rank keeps it); everything else of a step is freed by its end. During
-        a step, add this measurement's moments, held until it is settled (shape-and-level
-        mode: as many bytes again)."""
+        """Bytes of tensors this session holds now: its pool (``RankPool.memory_bytes``);
+        everything else of a step is freed by its end."""
         return 0 if self.pool is None else self.pool.memory_bytes()
 
     # -- checkpointing of the pooled moments (they are this rank's: one state per rank) ---------
     def pool_state(self) -> dict[str, Any] | None:
         """This rank's pooled moments, tagged with its rank and group size; None when not pooled."""
-        if self.pool is None:
-            return None
-        return {
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "params": [t.name for t in self.plan.params],  # what the entries' indices mean
-            **self.pool.state_dict(),
-        }
+        return None if self.pool is None else self.pool.state(self.rank, self.world_size)
 
     def load_pool_state(self, state: dict[str, Any] | None) -> bool:
-        """Continue from ``pool_state()`` of the same rank in a group of the same size; anything
-        else (another rank's state, another world size, none) restarts the pool, with a warning.
-        Returns whether the state was loaded."""
-        if self.pool is None:
-            return False
-        names = [t.name for t in self.plan.params]
-        if state is not None and state["params"] != names:
-            state, where = None, "taken with other measured parameters"
-        elif state is not None and (state["rank"], state["world_size"]) != (
-            self.rank, self.world_size,
-        ):  # fmt: skip
-            where = f"rank {state['rank']} of {state['world_size']}"
-            state = None
-        else:
-            where = "none"
-        if state is None:
-            logger.warning(
-                "nongns_dist: no pooled moments for rank %d of %d in the checkpoint (%s): the "
-                "pool restarts (it reads low until it holds pool_dof degrees of freedom)",
-                self.rank, self.world_size, where,
-            )  # fmt: skip
-            self.pool = MomentPool.for_config(self.config)
-            self._slices = {}
-            return False
-        try:
-            self.pool.load_state_dict(state, self.device)
-        except ValueError as error:  # moments vs shapes (level_beta): they cannot continue
-            logger.warning("nongns_dist: the pool restarts: %s", error)
-            self.pool = MomentPool.for_config(self.config)
-            self._slices = {}
-            return False
-        self._slices = {}
-        for key in self.pool.entry_keys():
-            if isinstance(key, tuple) and len(key) == 3:  # a coordinate slice
-                self._slices.setdefault(key[0], []).append(key)
-        return True
-
-    def _pool_untouched(self, table: torch.Tensor) -> None:
-        """Pooled entries this measurement did not reach (a parameter without gradient on this
-        step: FSDP2 leaves unused ones out of its reduce-scatter) take a zero moment, as a
-        gradient of zeros would give, so the pooled noise covers every measured parameter."""
-        assert self.pool is not None
-        for key in self.pool.entry_keys():
-            if key in self._touched:
-                continue
-            param = self.plan.params[key[0]]  # type: ignore[index]
-            zero = torch.zeros_like(self.pool.value(key))
-            self._pool(table, param, key, zero, self.num_samples - 1, 0.0, trace=0.0)
-
-    def _pool(
-        self, table: torch.Tensor, param: TrackedParam, key: Hashable, moment: torch.Tensor,
-        dof: float, floor: float, *, trace: torch.Tensor | float,
-    ) -> None:  # fmt: skip
-        """This measurement's ``moment`` of pool entry ``key`` into the pool and its parts of
-        the pooled noise into ``param``'s row (the nuclear pool keeps the upper triangle)."""
-        assert self.pool is not None
-        size = param.gram_size
-        parts = pool_moment(
-            self.pool, key, moment, param.norm, dof, floor, trace=trace,
-            unpack=(lambda tri: triangle_to_gram(tri, size)) if param.norm == "nuclear" else None,
-            method=self.config.sqrt_trace_method, tol=self.config.sqrt_trace_tol,
-            bias_correction=self.config.bias_correction,
-        )  # fmt: skip
-        row = table[param.index]
-        row[2:5] += parts.to(row)
+        """Continue from ``pool_state()`` (``RankPool.load``); returns whether it was loaded."""
+        return self.pool is not None and self.pool.load(state, self.rank, self.world_size)
 
     def _table(self) -> torch.Tensor:
         if self._partial is None:
@@ -488,30 +401,15 @@ class MeasurementSession:
             piece_mean, piece_sq = mean[start:end].float(), sq_sum[start:end].float()
             if inverse != 1.0:
                 piece_mean, piece_sq = piece_mean * inverse, piece_sq * inverse**2
-            var = sample_variance(piece_mean, piece_sq, self.num_samples, self.sample_size)
+            noise, signal, var = coordinate_parts(
+                piece_mean, piece_sq, self.num_samples, self.sample_size, norm,
+                bias_correction=correct,
+            )  # fmt: skip
             row = table[param.index]
-            row[0] += noise_from_variance(var, norm, dof, bias_correction=correct).to(row.device)  # type: ignore[arg-type]
-            row[1] += signal_part(piece_mean, norm).to(row.device)  # type: ignore[arg-type]
+            row[0] += noise.to(row.device)
+            row[1] += signal.to(row.device)
             if self.pool is not None:  # l1 (l2 is never pooled)
-                key = self._slice_key(param.index, offset + start, end - start)
-                self._touched.add(key)
-                self._pool(table, param, key, var, dof, 0.0, trace=var.sum())
-
-    def _slice_key(self, index: int, first: int, count: int) -> tuple[int, int, int]:
-        """Pool key of a slice; a slice that overlaps another of the same parameter (a backend
-        whose layout changed) replaces it. DDP's per-parameter segments and FSDP's shards keep
-        their layout, so this is a guard, not the common case."""
-        key = (index, first, count)
-        assert self.pool is not None
-        if key not in self.pool:
-            kept = []
-            for old in self._slices.get(index, []):
-                if old[1] < first + count and first < old[1] + old[2]:
-                    self.pool.discard(old)
-                else:
-                    kept.append(old)
-            self._slices[index] = [*kept, key]
-        return key
+                self.pool.add_slice(table, param, offset + start, var, dof)
 
     def add_coordinate_chunk(
         self,
@@ -655,140 +553,21 @@ class MeasurementSession:
         m x m float64 temporaries (the Gram, G G^T, the eigensolver's copy) follow one another
         instead of stacking up."""
         inverse = self._unscale()
-        method, tol = self.config.sqrt_trace_method, self.config.sqrt_trace_tol
-        gram_sum = gram_box.pop().to(torch.float64)
+        grams = [gram_box.pop().to(torch.float64)]
         mean = as_matrix(mean_grad.detach().reshape(param.shape)).to(torch.float64)
         if inverse != 1.0:
-            mean, gram_sum = mean * inverse, gram_sum.mul_(inverse**2)
-        mean_gram = mean @ mean.T
+            mean, grams[0] = mean * inverse, grams[0].mul_(inverse**2)
+        grams.append(mean @ mean.T)
         del mean
-        row = self._table()[param.index]
-        row[1] += mean_signal(mean_gram, method, tol=tol).to(row)
-        cov, floor = sample_covariance(
-            gram_sum, mean_gram, self.num_samples, self.sample_size, centered=centred,
-            overwrite=True,
+        noise, signal, cov, floor = matrix_parts(
+            grams, self.num_samples, self.sample_size, method=self.config.sqrt_trace_method,
+            tol=self.config.sqrt_trace_tol, centered=centred,
         )  # fmt: skip
-        del gram_sum, mean_gram
-        row[0] += sqrt_trace(cov, method, tol=tol, floor=floor).to(row)
+        row = self._table()[param.index]
+        row[1] += signal.to(row)
+        row[0] += noise.to(row)
         if self.pool is not None:
-            key = (param.index,)
-            self._touched.add(key)
             trace, moment = cov.diagonal().sum(), upper_triangle(cov)
             del cov
-            self._pool(self._table(), param, key, moment, self.num_samples - 1, floor, trace=trace)
-
-
-class SampleAccumulator:
-    """This rank's samples of one measuring step, summed per parameter, reduced at the end.
-
-    For backends whose reduction does not leave the mean where the statistics need it, or whose
-    samples arrive over several micro-steps (ZeRO partitions the averaged gradient; ZeRO-2/3
-    reduce every micro-step): each sample (a local mean gradient over the session's
-    ``sample_size`` examples) is added as it appears; ``flush`` then runs
-
-    * one reduce-scatter of [S | Q] over all l1/l2 coordinates (S = sum_s g_s, Q = sum_s g_s^2);
-    * one owner reduction of the float64 Grams (upper triangles) and one of the float64 sums of
-      each matrix; the owner finishes it (uncentred: the mean is known only at the end).
-
-    Costs on measuring steps only: S and Q (float32) of the measured vectors, S (float64) and the
-    Gram of the measured matrices, kept until ``flush``.
-    """
-
-    def __init__(self, session: MeasurementSession) -> None:
-        self.session = session
-        self._coord_sums: dict[int, torch.Tensor] = {}
-        self._coord_squares: dict[int, torch.Tensor] = {}
-        self._matrix_sums: dict[int, torch.Tensor] = {}
-        self._grams: dict[int, torch.Tensor] = {}
-
-    def add(self, param: TrackedParam, grad: torch.Tensor) -> None:
-        """One sample of ``param``: its local gradient as a mean over ``sample_size`` examples.
-        Local math (``session.guarded``): a failure is recorded, and ``flush`` still takes part
-        in every collective."""
-        self.session.guarded(self._add_sample, param, grad)
-
-    def _add_sample(self, param: TrackedParam, grad: torch.Tensor) -> None:
-        i = param.index
-        if param.norm == "nuclear":
-            grad64 = grad.detach().reshape(param.shape).to(torch.float64)
-            mat = as_matrix(grad64)
-            self._add(self._grams, i, mat @ mat.T)
-            self._add(self._matrix_sums, i, grad64.reshape(-1))
-        else:
-            flat = grad.detach().reshape(-1).float()
-            self._add(self._coord_sums, i, flat)
-            self._add(self._coord_squares, i, flat.square())
-
-    @staticmethod
-    def _add(store: dict[int, torch.Tensor], index: int, value: torch.Tensor) -> None:
-        if index in store:
-            store[index] += value
-        else:
-            store[index] = value.clone()
-
-    def flush(self, device: torch.device) -> None:
-        """Reduce everything added into the session (a collective: every rank calls it)."""
-        s = self.session
-        plan = s.plan
-        n = s.num_samples
-        # -- coordinates: one flat buffer in plan order, reduce-scattered as [S | Q] rows
-        spans, start = [], 0
-        for t in plan.params:
-            if t.norm != "nuclear":
-                spans.append((t, start, start + t.shape.numel()))
-                start += t.shape.numel()
-        if spans:
-            sums = torch.zeros(start, dtype=torch.float32, device=device)
-            squares = torch.zeros(start, dtype=torch.float32, device=device)
-            for t, a, b in spans:  # a parameter without gradient here is a zero sample
-                if t.index in self._coord_sums and not s.failed:  # failed: zeros travel
-                    sums[a:b] = self._coord_sums[t.index]
-                    squares[a:b] = self._coord_squares[t.index]
-            work, received, _packed, chunk = reduce_scatter_rows(
-                [sums, squares], s.world_size, s.group
-            )
-            work.wait()
-            s.add_coordinate_chunk(spans, s.rank * chunk, received[0] / n, received[1])
-        # -- matrices: Grams and sums to their owners
-        matrices = plan.matrices
-        if matrices:
-
-            def zeros(size: int) -> torch.Tensor:
-                return torch.zeros(size, dtype=torch.float64, device=device)
-
-            def triangles() -> Iterator[torch.Tensor]:
-                for t in matrices:
-                    gram = self._grams.get(t.index)
-                    # no gradient on this rank (unused parameter), or its math failed: zeros
-                    triangle = None if gram is None else s.guarded(upper_triangle, gram)
-                    yield zeros(t.triangle_size) if triangle is None else triangle
-
-            def matrix_sums() -> Iterator[torch.Tensor]:
-                for t in matrices:
-                    total = None if s.failed else self._matrix_sums.get(t.index)
-                    yield zeros(t.shape.numel()) if total is None else total
-
-            common = {"world_size": s.world_size, "rank": s.rank, "group": s.group}
-            owned_grams = reduce_to_owners(
-                matrices, [t.triangle_size for t in matrices], triangles(), device=device,
-                **common,  # type: ignore[arg-type]
-            )  # fmt: skip
-            owned_sums = reduce_to_owners(
-                matrices,
-                [t.shape.numel() for t in matrices],
-                matrix_sums(),
-                device=device,
-                **common,  # type: ignore[arg-type]
-            )
-
-            def finish_owned(t: TrackedParam) -> None:
-                mean = owned_sums[t.index] / n
-                s._finish_owned(t, owned_grams, mean, centred=False)
-
-            for t in matrices:
-                if t.index in owned_grams:
-                    s.guarded(finish_owned, t)
-        self._coord_sums.clear()
-        self._coord_squares.clear()
-        self._matrix_sums.clear()
-        self._grams.clear()
+            dof = self.num_samples - 1
+            self.pool.add_matrix(self._table(), param, moment, dof, floor, trace=trace)

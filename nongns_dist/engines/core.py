@@ -1,5 +1,12 @@
 """The step boundary every engine shares: controller + measurement session + lr multiplier.
 
+``StepCore.__init__`` is the one builder of those parts for every engine: the controller from
+the config, the plan from the capture's view of the parameters, the session, the lr multiplier,
+and the one "cannot measure" rule (a session that can never have the 2 samples a variance needs
+is not built, and the batch stays constant; one that cannot at the starting count is said so).
+An engine then sets up its own hooks and calls ``start()``, which installs the capture and arms
+the first step.
+
 An engine calls ``close_step()`` after each optimizer step (the samples of that step are
 counted, a finished measurement is fed to the controller, the decision applied) and reads
 ``accumulation_steps`` for the next one. Measuring steps are armed here, at the boundary, so
@@ -22,23 +29,74 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from nongns_dist.capture.base import GradientCapture
+from nongns_dist.capture.collectives import group_rank_and_size
+from nongns_dist.capture.plan import MeasurementPlan
 from nongns_dist.capture.session import MeasurementSession
 from nongns_dist.config import GNSConfig
 from nongns_dist.controller import BatchDecision, BatchSizeController, ControllerReadout
 from nongns_dist.estimators import GNSEstimate
 from nongns_dist.optim.lr import LRMultiplier
 
-__all__ = ["StepCore"]
+__all__ = ["Event", "StepCore", "StepEvents"]
 
 logger = logging.getLogger("nongns_dist")
 
-#: (tag, value, samples seen): what a metrics sink receives at each step boundary.
+#: (tag, value, samples seen): a scalar in the form DeepSpeed's monitor (and TensorBoard) take.
 Event = tuple[str, float, int]
+
+
+@dataclass(frozen=True)
+class StepEvents:
+    """What one closed optimizer step did: the one record every engine hands to its event
+    sinks (``attach(on_events=)``, ``StepCore.subscribe``), and what the main job's
+    metrics.jsonl, TensorBoard and DeepSpeed's monitor are written from."""
+
+    #: Optimizer steps closed so far, this one included.
+    step: int
+    #: Samples seen so far, this step's included.
+    samples: int
+    #: The global batch, micro-steps and lr multiplier this step ran with.
+    batch_size: int
+    accumulation_steps: int
+    lr_multiplier: float
+    #: Whether the optimizer applied the update (False: an fp16 overflow skipped it).
+    applied: bool
+    #: Whether this step measured: its estimate went to the controller (a non-finite one is
+    #: measured and rejected there).
+    measured: bool
+    #: This step's measurement (``None`` unless ``measured``).
+    estimate: GNSEstimate | None
+    #: The decision taken at this boundary: what the next step runs with.
+    decision: BatchDecision
+
+    def scalars(self) -> list[Event]:
+        """The decision, and the finite estimates of a measuring step, as monitor scalars."""
+        x, decision, estimate = self.samples, self.decision, self.estimate
+        events: list[Event] = [
+            ("Train/nongns/global_batch", decision.batch_size, x),
+            ("Train/nongns/accumulation_steps", decision.accumulation_steps, x),
+            ("Train/nongns/lr_multiplier", decision.lr_multiplier, x),
+        ]
+        if estimate is not None and estimate.is_finite:
+            events += [
+                ("Train/nongns/gns_raw", estimate.gns, x),
+                ("Train/nongns/noise_raw", estimate.noise, x),
+                ("Train/nongns/signal", estimate.signal, x),
+            ]
+            pooled = estimate.pooled
+            if pooled is not None and pooled.is_finite:
+                events += [
+                    ("Train/nongns/gns_pooled", pooled.gns, x),
+                    ("Train/nongns/noise_pooled", pooled.noise, x),
+                ]
+        return events
 
 
 class StepCore(ControllerReadout):
@@ -47,21 +105,66 @@ class StepCore(ControllerReadout):
     def __init__(
         self,
         config: GNSConfig,
-        controller: BatchSizeController,
-        session: MeasurementSession | None,
-        lr_multiplier: LRMultiplier | None,
+        capture: GradientCapture,
         *,
-        group: dist.ProcessGroup | None,
-        device: torch.device,
-        on_events: Callable[[list[Event]], None] | None = None,
+        micro_batch_size: int,
+        accumulation_steps: int | None,
+        norm_optimizer: torch.optim.Optimizer | None,
+        lr_optimizer: torch.optim.Optimizer | None,
+        on_events: Callable[[StepEvents], None] | None = None,
     ) -> None:
+        """Build the parts from ``config`` and ``capture``: ``norm_optimizer`` is what
+        ``norm="auto"`` reads the geometry from (None: the capture knows it, or no auto),
+        ``lr_optimizer`` the optimizer the lr multiplier is put into (None: none)."""
         self.config = config
-        self.group = group  # the data-parallel group: decisions are checked across it
-        self.device = device
-        self.controller = controller
-        self.session = session  # None: nothing can be measured (the batch stays constant)
-        self.lr_multiplier = lr_multiplier
-        self.on_events = on_events
+        self.capture = capture
+        self.group = capture.group  # the data-parallel group: decisions are checked across it
+        self.device = capture.device
+        rank, self.world_size = group_rank_and_size(capture.group)
+        self.micro_batch_size = micro_batch_size
+        self.controller = controller = BatchSizeController(
+            config,
+            micro_batch_size=micro_batch_size,
+            world_size=self.world_size,
+            accumulation_steps=accumulation_steps,
+        )
+        self.plan = MeasurementPlan(
+            capture.plan_entries(config.norm, norm_optimizer), self.world_size, rank
+        )
+        session = MeasurementSession(
+            self.plan,
+            config,
+            group=capture.group,
+            micro_batch_size=micro_batch_size,
+            sample_kind=capture.sample_kind,
+            device=capture.device,
+        )
+        #: Whether anything can ever be measured: >= 2 ranks with per-rank samples, or samples
+        #: per micro-step. Training still runs without (the driver, a constant batch); it is
+        #: said once rather than failing mid-backward.
+        self.can_measure = config.enabled and session.can_ever_measure
+        if config.enabled and not self.can_measure:
+            logger.warning(
+                "nongns_dist: the noise scale needs >= 2 ranks with per-rank samples; with %d "
+                "rank nothing is measured and the batch stays at %d",
+                self.world_size,
+                controller.batch_size,
+            )
+        elif config.enabled and not session.can_measure(controller.accumulation_steps):
+            logger.warning(
+                "nongns_dist: %d rank(s) with per-micro-step samples: a variance needs 2, so "
+                "steps with %d micro-step(s) are not measured (start from accumulation_steps "
+                ">= 2)",
+                self.world_size,
+                controller.accumulation_steps,
+            )
+        #: None: nothing can be measured (the batch stays constant).
+        self.session = session if self.can_measure else None
+        self.lr_multiplier = LRMultiplier(lr_optimizer) if lr_optimizer is not None else None
+        #: Called with each closed step's ``StepEvents``, in order of subscription.
+        self.event_sinks: list[Callable[[StepEvents], None]] = []
+        if on_events is not None:
+            self.subscribe(on_events)
         #: This measurement's own estimate (what ``estimate_gns`` computes from its samples).
         self.last_estimate: GNSEstimate | None = None
         self.last_decision: BatchDecision | None = None
@@ -70,8 +173,19 @@ class StepCore(ControllerReadout):
         #: Engines set this False for a step whose gradients are not per-sample (DDP's first
         #: static_graph step); checked when the step is armed.
         self.measuring_allowed: Callable[[], bool] = lambda: True
-        if lr_multiplier is not None:
-            lr_multiplier.value = controller.lr_multiplier
+        if self.lr_multiplier is not None:
+            self.lr_multiplier.value = controller.lr_multiplier
+
+    def subscribe(self, sink: Callable[[StepEvents], None]) -> None:
+        """Call ``sink`` with the ``StepEvents`` of every step closed from now on."""
+        self.event_sinks.append(sink)
+
+    def start(self) -> None:
+        """After the engine's own set-up: feed the session from the capture (when something can
+        be measured) and arm the first step."""
+        if self.session is not None:
+            self.capture.install(self.session)
+        self.arm()
 
     # -- arming -----------------------------------------------------------------------------
     def arm(self) -> bool:
@@ -130,6 +244,8 @@ class StepCore(ControllerReadout):
             )
         if estimate is not None:
             self.last_estimate = estimate
+        controller = self.controller
+        ran = (controller.batch_size, controller.accumulation_steps, controller.lr_multiplier)
         before = self.controller.samples
         decision = self.controller.update(estimate)
         if session is not None and before < self.config.warmup_samples <= self.controller.samples:
@@ -147,7 +263,12 @@ class StepCore(ControllerReadout):
                 decision.lr_multiplier,
             )
         self.last_decision = decision
-        self._emit(estimate, decision)
+        events = StepEvents(
+            controller.step, controller.samples, *ran, applied=applied,
+            measured=estimate is not None, estimate=estimate, decision=decision,
+        )  # fmt: skip
+        for sink in self.event_sinks:
+            sink(events)
         self.arm()
         return decision
 
@@ -177,29 +298,6 @@ class StepCore(ControllerReadout):
                 "ranks disagree on the batch decision [batch, step, samples, multiplier]: "
                 f"{[t.tolist() for t in everyone]}"
             )
-
-    def _emit(self, estimate: GNSEstimate | None, decision: BatchDecision) -> None:
-        if self.on_events is None:
-            return
-        x = self.controller.samples
-        events: list[Event] = [
-            ("Train/nongns/global_batch", decision.batch_size, x),
-            ("Train/nongns/accumulation_steps", decision.accumulation_steps, x),
-            ("Train/nongns/lr_multiplier", decision.lr_multiplier, x),
-        ]
-        if estimate is not None and estimate.is_finite:
-            events += [
-                ("Train/nongns/gns_raw", estimate.gns, x),
-                ("Train/nongns/noise_raw", estimate.noise, x),
-                ("Train/nongns/signal", estimate.signal, x),
-            ]
-            pooled = estimate.pooled
-            if pooled is not None and pooled.is_finite:
-                events += [
-                    ("Train/nongns/gns_pooled", pooled.gns, x),
-                    ("Train/nongns/noise_pooled", pooled.noise, x),
-                ]
-        self.on_events(events)
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self, *, include_pool: bool = True) -> dict[str, Any]:

@@ -32,13 +32,9 @@ import torch
 import torch.distributed as dist
 
 from nongns_dist.capture.deepspeed import DeepSpeedCapture, basic_optimizer, loss_scale
-from nongns_dist.capture.plan import MeasurementPlan
-from nongns_dist.capture.session import MeasurementSession
 from nongns_dist.config import GNSConfig
-from nongns_dist.controller import BatchSizeController
 from nongns_dist.deepspeed import check_checkpoint
-from nongns_dist.engines.core import Event, StepCore
-from nongns_dist.optim.lr import LRMultiplier
+from nongns_dist.engines.core import StepCore, StepEvents
 
 __all__ = ["DeepSpeedGNSPlugin"]
 
@@ -50,54 +46,27 @@ class DeepSpeedGNSPlugin(StepCore):
 
     def __init__(self, engine: Any, config: GNSConfig) -> None:
         self.engine = engine
-        self.capture = DeepSpeedCapture(engine)
-        self.world_size = int(engine.dp_world_size)
-        self.micro_batch_size = int(engine.train_micro_batch_size_per_gpu())
+        capture = DeepSpeedCapture(engine)
         engine_acc = int(engine.gradient_accumulation_steps())
-        controller = BatchSizeController(
-            config,
-            micro_batch_size=self.micro_batch_size,
-            world_size=self.world_size,
-            accumulation_steps=None if config.initial_batch_size else engine_acc,
-        )
-        if controller.accumulation_steps != engine_acc:
-            engine.set_train_batch_size(controller.batch_size)
-        group = self.capture.group
-        self.plan = MeasurementPlan(
-            self.capture.plan_entries(config.norm), self.world_size, dist.get_rank(group)
-        )
-        session = MeasurementSession(
-            self.plan,
-            config,
-            group=group,
-            micro_batch_size=self.micro_batch_size,
-            sample_kind=self.capture.sample_kind,
-            device=self.capture.device,
-        )
         self._loss_grad: torch.Tensor | None = None  # d(what backward ran on) / d(user's loss)
-        if engine.fp16_enabled():
-            session.loss_scale = self._applied_loss_scale
-        self.sample_kind = self.capture.sample_kind
         self.micro_step = 0  # index of the next micro-step within the optimizer step
         super().__init__(
             config,
-            controller,
-            session,
-            LRMultiplier(basic_optimizer(engine)),
-            group=group,
-            device=self.capture.device,
+            capture,
+            micro_batch_size=int(engine.train_micro_batch_size_per_gpu()),
+            accumulation_steps=None if config.initial_batch_size else engine_acc,
+            norm_optimizer=None,  # the capture reads DeepSpeed's own optimizer
+            lr_optimizer=basic_optimizer(engine),
             on_events=self._write_events,
         )
-        self.capture.install(session)
-        if not session.can_measure(controller.accumulation_steps):
-            logger.warning(
-                "nongns_dist: %d rank(s) with %s samples give fewer than the 2 samples a "
-                "variance needs; nothing is measured while that holds",
-                self.world_size,
-                "per-rank" if self.sample_kind == "rank" else "per-micro-step",
-            )
+        self.capture: DeepSpeedCapture = capture
+        self.sample_kind = capture.sample_kind
+        if self.controller.accumulation_steps != engine_acc:
+            engine.set_train_batch_size(self.controller.batch_size)
+        if engine.fp16_enabled() and self.session is not None:
+            self.session.loss_scale = self._applied_loss_scale
         self._wrap_engine()
-        self.arm()
+        self.start()
 
     # -- the engine's loop ----------------------------------------------------------------------
     def _wrap_engine(self) -> None:
@@ -187,11 +156,11 @@ class DeepSpeedGNSPlugin(StepCore):
         applied = float(self._loss_grad) * self.engine.gradient_accumulation_steps()
         return scale if abs(math.log(applied / scale)) < abs(math.log(applied)) else 1.0
 
-    def _write_events(self, events: list[Event]) -> None:
+    def _write_events(self, events: StepEvents) -> None:
         monitor = getattr(self.engine, "monitor", None)
         if dist.get_rank() != 0 or monitor is None or not getattr(monitor, "enabled", False):
             return
-        monitor.write_events(events)
+        monitor.write_events(events.scalars())
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self, *, include_pool: bool = True) -> dict[str, Any]:

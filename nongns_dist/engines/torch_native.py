@@ -46,16 +46,15 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
-from nongns_dist.capture.base import GradientCapture
+from nongns_dist.capture.base import TorchCapture
+from nongns_dist.capture.collectives import group_rank_and_size
 from nongns_dist.capture.ddp import DDPCapture
 from nongns_dist.capture.fsdp2 import FSDP2Capture
 from nongns_dist.capture.local import LocalCapture
-from nongns_dist.capture.plan import MeasurementPlan, check_measurable_module
-from nongns_dist.capture.session import MeasurementSession, group_rank_and_size
+from nongns_dist.capture.plan import check_measurable_module
 from nongns_dist.config import GNSConfig, as_config, check_count
-from nongns_dist.controller import BatchDecision, BatchSizeController
-from nongns_dist.engines.core import StepCore
-from nongns_dist.optim.lr import LRMultiplier
+from nongns_dist.controller import BatchDecision
+from nongns_dist.engines.core import StepCore, StepEvents
 
 __all__ = ["GNSMonitor", "MicroStep", "attach"]
 
@@ -113,54 +112,19 @@ class GNSMonitor(StepCore):
         model: nn.Module,
         config: GNSConfig,
         optimizer: torch.optim.Optimizer | None,
-        capture: GradientCapture,
+        capture: TorchCapture,
         *,
         micro_batch_size: int,
         accumulation_steps: int | None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        on_events: Callable[[StepEvents], None] | None = None,
     ) -> None:
         if grad_scaler is not None and optimizer is None:
             raise ValueError("attach(grad_scaler=...) needs the optimizer the scaler steps")
         self.model = model
         self.optimizer = optimizer
         self.grad_scaler = grad_scaler
-        self.capture = capture
         self.process_group = capture.group
-        rank, self.world_size = group_rank_and_size(capture.group)
-        self.micro_batch_size = micro_batch_size
-        controller = BatchSizeController(
-            config,
-            micro_batch_size=micro_batch_size,
-            world_size=self.world_size,
-            accumulation_steps=accumulation_steps,
-        )
-        entries = capture.plan_entries(config.norm, optimizer)
-        self.plan = MeasurementPlan(entries, self.world_size, rank)
-        session = MeasurementSession(
-            self.plan,
-            config,
-            group=capture.group,
-            micro_batch_size=micro_batch_size,
-            sample_kind=capture.sample_kind,
-            device=capture.device,
-        )
-        # Per-rank samples: one rank is one sample, and a variance needs two. Training still
-        # runs (the driver, a constant batch); it is said once rather than failing mid-backward.
-        self.can_measure = config.enabled and session.can_ever_measure
-        if config.enabled and not self.can_measure:
-            logger.warning(
-                "nongns_dist: the noise scale needs >= 2 ranks with per-rank samples; with %d "
-                "rank nothing is measured and the batch stays at %d",
-                self.world_size,
-                controller.batch_size,
-            )
-        elif config.enabled and not session.can_measure(controller.accumulation_steps):
-            logger.warning(
-                "nongns_dist: one process measures from the micro-steps of a step, and a "
-                "variance needs 2: steps with %d micro-step are not measured (start from "
-                "accumulation_steps >= 2)",
-                controller.accumulation_steps,
-            )
         self._reductions_at_close = 0
         self._in_scaler_step = False  # inside grad_scaler.step(): it closes the step
         #: (micro-steps finished, of how many) of the step whose micro_steps() loop is running
@@ -174,32 +138,33 @@ class GNSMonitor(StepCore):
             if optimizer is not None
             else None
         )
-        lr = LRMultiplier(optimizer) if optimizer is not None else None
+        self.lr_multiplier = None
         try:
             super().__init__(
-                config, controller, session if self.can_measure else None, lr,
-                group=capture.group, device=capture.device,
+                config, capture, micro_batch_size=micro_batch_size,
+                accumulation_steps=accumulation_steps, norm_optimizer=optimizer,
+                lr_optimizer=optimizer, on_events=on_events,
             )  # fmt: skip
+            self.capture: TorchCapture = capture  # (the driver's no_sync is its own duty)
             self.measuring_allowed = lambda: not self._needs_synced_first_step()
             if grad_scaler is not None and grad_scaler.is_enabled():
-                # read on the first statistics of a measuring step: during its backward, before
-                # scaler.update() can change the scale
-                session.loss_scale = grad_scaler.get_scale
+                if self.session is not None:
+                    # read on the first statistics of a measuring step: during its backward,
+                    # before scaler.update() can change the scale
+                    self.session.loss_scale = grad_scaler.get_scale
                 self._wrap_scaler_step(grad_scaler)
-            if self.can_measure:
-                capture.install(session)
+            self.start()
         except BaseException:  # leave the user's optimizer as it was given
             if self._pre_hook is not None:
                 self._pre_hook.remove()
-            if lr is not None:
-                lr.remove()
+            if self.lr_multiplier is not None:
+                self.lr_multiplier.remove()
             raise
         self._step_hook = (
             optimizer.register_step_post_hook(self._after_optimizer_step)
             if optimizer is not None
             else None
         )
-        self.arm()
 
     def micro_steps(self) -> Iterator[MicroStep]:
         """The micro-steps of the next optimizer step, with the count the controller decided.
@@ -406,7 +371,7 @@ class GNSMonitor(StepCore):
         self.session = None
 
 
-def _capture_for(model: nn.Module, process_group: dist.ProcessGroup | None) -> GradientCapture:
+def _capture_for(model: nn.Module, process_group: dist.ProcessGroup | None) -> TorchCapture:
     if isinstance(model, DistributedDataParallel):
         return DDPCapture(model, process_group)
     if isinstance(model, FSDPModule):
@@ -436,6 +401,7 @@ def attach(
     accumulation_steps: int | None = None,
     process_group: dist.ProcessGroup | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
+    on_events: Callable[[StepEvents], None] | None = None,
 ) -> GNSMonitor:
     """Measure the noise scale of ``model`` and adapt its batch; returns the ``GNSMonitor``.
 
@@ -452,7 +418,10 @@ def attach(
     a string is a ``TypeError``). ``process_group``: the data-parallel group (default: the
     wrapper's). ``grad_scaler``: the ``torch.amp.GradScaler`` (or ``ShardedGradScaler``) that
     scales the loss; needs ``optimizer``. Statistics are then in unscaled gradient units and
-    ``scaler.step(optimizer)`` closes each step, applied or skipped.
+    ``scaler.step(optimizer)`` closes each step, applied or skipped. ``on_events``: called as
+    each step closes with its ``StepEvents`` (what it ran with, whether it measured and what,
+    the decision; ``.scalars()`` in DeepSpeed's monitor form), the one record every engine
+    emits (``monitor.subscribe`` adds more sinks).
 
     Refused with a ``ValueError`` before anything is hooked: a model without parameters or
     without one that requires grad, a trainable parameter with a sparse gradient
@@ -477,6 +446,7 @@ def attach(
         micro_batch_size=micro_batch_size,
         accumulation_steps=accumulation_steps,
         grad_scaler=grad_scaler,
+        on_events=on_events,
     )
     model._nongns_monitor = monitor  # type: ignore[assignment]
     return monitor

@@ -6,7 +6,6 @@ from nongns_dist.optim.geometry import (
     GEOMETRY_NORMS,
     group_geometry,
     group_norms,
-    parameter_norms,
 )
 from nongns_dist.optim.lr import LRMultiplier
 from nongns_dist.optim.sign import SignSGD, Signum
@@ -23,5 +22,4 @@ __all__ = [
     "group_geometry",
     "group_norms",
     "muon_param_groups",
-    "parameter_norms",
 ]

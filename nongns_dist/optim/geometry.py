@@ -10,19 +10,22 @@ Every optimizer in ``nongns_dist.optim`` writes ``geometry`` into its parameter 
 torch's own optimizers are mapped by class (AdamW -> sign, as in the paper); any group may
 override with its own ``geometry`` key. Auxiliary groups of a hybrid (``auxiliary=True``, e.g.
 Muon's AdamW group) are left out of ``auto`` when a spectral group exists, as in the paper.
+Which PARAMETERS of a group a norm then covers (nuclear: matrices only) is the norm's own rule
+(``nongns_dist.norms.Norm.covers``), applied by the plan (``capture.plan.plan_entries``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch.optim import Optimizer
 
-__all__ = ["GEOMETRY_NORMS", "group_geometry", "group_norms", "parameter_norms"]
+from nongns_dist.norms import NORMS
 
-GEOMETRY_NORMS = {"sign": "l1", "spectral": "nuclear", "euclidean": "l2"}
+__all__ = ["GEOMETRY_NORMS", "group_geometry", "group_norms"]
+
+#: Geometry -> the name of its dual norm, from the norm registry.
+GEOMETRY_NORMS = {norm.geometry: name for name, norm in NORMS.items()}
 
 # By class name so that optimizers of packages not imported here (DeepSpeed's fused and CPU
 # Adam/Lion) resolve without importing them. Adam-type methods are sign-like (PAPER.md).
@@ -82,32 +85,3 @@ def group_norms(optimizer: Optimizer) -> list[str | None]:
 
 def _auxiliary(group: dict[str, Any]) -> bool:
     return bool(group.get("auxiliary", "use_muon" in group and not group["use_muon"]))
-
-
-def parameter_norms(
-    optimizer: Optimizer | None, norm: str, parameters: Iterable[torch.Tensor] | None = None
-) -> dict[torch.Tensor, str | None]:
-    """Norm per parameter (keyed by the parameter object) for a config's ``norm``.
-
-    ``auto`` follows ``group_norms(optimizer)``. An explicit ``l1``/``l2`` covers every parameter;
-    ``nuclear`` covers parameters with >= 2 dims and leaves the rest out (the spectral estimate
-    is defined for matrices). ``parameters`` (default: the optimizer's) bounds the result.
-    """
-    if norm == "auto":
-        if optimizer is None:
-            raise ValueError("norm='auto' needs the optimizer; pass optimizer= or pick a norm")
-        result: dict[torch.Tensor, str | None] = {}
-        for group, kind in zip(optimizer.param_groups, group_norms(optimizer), strict=True):
-            for p in group["params"]:
-                result[p] = kind if (kind != "nuclear" or p.dim() >= 2) else None
-        if parameters is not None:
-            wanted = set(map(id, parameters))
-            result = {p: k for p, k in result.items() if id(p) in wanted}
-        return result
-    if norm not in GEOMETRY_NORMS.values():
-        raise ValueError(f"norm must be 'l1', 'l2', 'nuclear' or 'auto', got {norm!r}")
-    if parameters is None:
-        if optimizer is None:
-            raise ValueError("pass the parameters or the optimizer")
-        parameters = [p for g in optimizer.param_groups for p in g["params"]]
-    return {p: (norm if norm != "nuclear" or p.dim() >= 2 else None) for p in parameters}

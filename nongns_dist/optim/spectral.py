@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from nongns_dist.norms import muon_quintic, polar_factor
+from nongns_dist.norms import NUCLEAR, muon_quintic, polar_factor
 from nongns_dist.optim.sign import Signum, evaluate_closure
 
 __all__ = ["HEAD_NAMES", "Muon", "SpecSGD", "muon_param_groups"]
@@ -57,7 +57,7 @@ class SpecSGD(Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
-                if p.dim() < 2:
+                if not NUCLEAR.covers(p.shape):  # the spectral geometry's update needs a matrix
                     raise ValueError(
                         f"SpecSGD updates matrices only; got a parameter of shape {tuple(p.shape)}"
                         " (put vectors in another optimizer, or use nongns_dist.optim.Muon)"
