@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import math
 import os
 import pickle
 import signal
@@ -68,6 +67,7 @@ from launch.data import (
     validation_windows,
 )
 from launch.llama import Block, Llama, LlamaConfig
+from launch.metrics import RunLog, finite_or_none
 from nongns_dist import (
     GNSConfig,
     GNSEstimate,
@@ -719,7 +719,7 @@ def load_data(args: argparse.Namespace, local_rank: int) -> Corpus:
     )
 
 
-# -- loss, evaluation, logging ---------------------------------------------------------------------
+# -- loss and evaluation ---------------------------------------------------------------------------
 
 
 def next_token_loss(model: nn.Module, tokens: torch.Tensor, autocast: bool = False) -> torch.Tensor:
@@ -764,92 +764,6 @@ def global_mean_and_any(value: torch.Tensor, flag: bool) -> tuple[float, bool]:
     totals = torch.stack([value.double(), value.new_tensor(float(flag), dtype=torch.float64)])
     dist.all_reduce(totals)
     return totals[0].item() / dist.get_world_size(), bool(totals[1] > 0)
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None  # JSON has no inf/nan
-
-
-def records_until(metrics: Path, step: int) -> list[str]:
-    """The lines of ``metrics`` (metrics.jsonl) of steps <= ``step``; a line cut short by a
-    killed job is dropped."""
-    if not metrics.is_file():
-        return []
-    kept = []
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record["step"] <= step:
-            kept.append(line)
-    return kept
-
-
-class RunLog:
-    """Rank 0's outputs: metrics.jsonl (flushed per step), TensorBoard when importable, and the
-    trajectory of the global batch. Other ranks hold a disabled one, so call sites need no ifs.
-
-    TensorBoard's x-axis is samples seen, so runs with different batch trajectories line up."""
-
-    def __init__(self, out: Path, enabled: bool, resume: Path | None = None) -> None:
-        """``resume``: the checkpoint the run continues from. metrics.jsonl then keeps the
-        records up to its step (from the checkpoint's run directory, which may be ``out``)
-        and drops later ones, which a run killed after the checkpoint had written."""
-        self.enabled = enabled
-        self.batch_trajectory: list[tuple[int, int]] = []
-        self._jsonl = None
-        self._tb: Any = None
-        if not enabled:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        kept: list[str] = []
-        if resume is not None:
-            # of this run's later steps (another --out is new or empty: resume_point)
-            (out / "summary.json").unlink(missing_ok=True)
-            step = checkpoints.read_meta(resume)["step"]
-            # a checkpoint kept outside a run directory brings no records
-            run = checkpoints.run_directory(resume)
-            kept = records_until(run / "metrics.jsonl", step) if run is not None else []
-            for line in kept:
-                record = json.loads(line)
-                self.batch(record["step"] - 1, record["batch_size"])
-        tmp = out / "metrics.jsonl.tmp"
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, out / "metrics.jsonl")
-        self._jsonl = (out / "metrics.jsonl").open("a", buffering=1)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.say("tensorboard is not installed: TensorBoard logging skipped (metrics.jsonl)")
-        else:
-            # purge_step: events past the checkpoint's samples (x-axis) are dropped on a resume
-            purge = json.loads(kept[-1])["samples"] + 1 if kept else None
-            self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
-
-    def say(self, message: str) -> None:
-        if self.enabled:
-            tqdm.write(message)
-
-    def batch(self, step: int, batch_size: int) -> None:
-        """Note the batch a step runs with; the trajectory keeps the changes (steps completed
-        before the first step with that batch, batch)."""
-        if not self.batch_trajectory or self.batch_trajectory[-1][1] != batch_size:
-            self.batch_trajectory.append((step, batch_size))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "samples", "tokens") and value is not None:
-                    self._tb.add_scalar(key, value, global_step=record["samples"])
-
-    def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 # -- engines -------------------------------------------------------------------------------------
