@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
-import pickle
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +53,14 @@ from tqdm import tqdm
 # Run as a script (torchrun launch/train.py), Python puts launch/ on sys.path, not the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from launch import checkpoints
-from launch.checkpoints import BrokenCheckpoint, CheckpointError, SaveError
+from launch.checkpoints import (
+    CheckpointError,
+    load_rank_state,
+    load_resume,
+    rank_file,
+    resume_point,
+    save_checkpoint,
+)
 from launch.data import (
     BYTE_VOCAB_SIZE,
     Corpus,
@@ -73,7 +77,6 @@ from nongns_dist import (
     GNSEstimate,
     attach,
     exit_cleanly,
-    resume_batch_size,
     warmup_cosine,
 )
 from nongns_dist.optim import Muon, SignSGD, Signum, muon_param_groups
@@ -328,7 +331,8 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     if args.engine == "fsdp1" and args.fsdp_strategy is None:
         args.fsdp_strategy = "FULL_SHARD"
     try:
-        resume_point(args, world)  # before the configs: on a resume they start from its batch
+        # before the configs: on a resume they start from its batch
+        resume_point(args, world, flag_defaults())
     except (CheckpointError, ValueError) as exc:
         parser.error(str(exc))
     if args.resume_from is None and args.initial_batch % unit:
@@ -367,6 +371,13 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     except ValueError as exc:
         parser.error(str(exc))
     return args
+
+
+def flag_defaults() -> dict[str, Any]:
+    """Every flag's default by destination: a checkpoint saved before a flag existed ran with it
+    (``checkpoints.check_checkpoint`` compares the flags)."""
+    parser = build_parser()
+    return {action.dest: parser.get_default(action.dest) for action in parser._actions}
 
 
 def given_flags(argv: list[str] | None) -> set[str]:
@@ -410,132 +421,6 @@ def idle_flags(args: argparse.Namespace, given: set[str]) -> list[str]:
         )
         idle.append(f"--val-fraction splits the tail of a --data file; {held_out}")
     return idle
-
-
-#: What a resumed run may change (the ranks change outside the flags; a checkpoint holds CPU
-#: tensors, so a CUDA run resumes on the CPU and back); every other flag must be the
-#: checkpoint's (one saved before a flag existed has its default).
-RESUME_MAY_CHANGE = frozenset({
-    "micro_batch", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-    "resume", "out", "corpus_dir", "local_rank", "resume_from", "start_batch", "device",
-})  # fmt: skip
-
-
-def resume_point(args: argparse.Namespace, world: int) -> None:
-    """Find the checkpoint --resume names and the batch the run starts with: sets
-    ``args.resume_from`` (a checkpoint directory or None) and ``args.start_batch``.
-
-    ``--resume auto`` takes the newest checkpoint of --out whose trainer.json is whole, skipping
-    broken ones with a warning (``load_resume`` goes further back when its files do not load);
-    flags that contradict it stop the job. ``--resume PATH`` is that checkpoint or an error.
-
-    Where the run goes: its own run directory continues it (steps after the checkpoint are
-    replaced, README: Long runs). Another --out must hold nothing of a run: resuming into a new
-    or empty --out forks the checkpoint's run, whose metrics.jsonl then starts with that run's
-    records up to the checkpoint's step, and nothing else of either directory is touched. An
-    --out holding another run's outputs (metrics.jsonl, summary.json, tensorboard/,
-    checkpoints/) is refused before anything is written: the resumed run would replace its
-    metrics.jsonl and summary.json and delete its checkpoints."""
-    args.resume_from, args.start_batch = None, args.initial_batch
-    out = Path(args.out)
-    if args.resume is None:
-        saved = checkpoints.complete_checkpoints(out / "checkpoints")
-        if saved:
-            raise CheckpointError(
-                f"--out {args.out} holds checkpoints of an earlier run (latest: {saved[-1].name}): "
-                "continue it with --resume auto, or start this one in another --out"
-            )
-        return
-    if args.resume == "auto":
-        found = checkpoints.complete_checkpoints(out / "checkpoints")
-        usable = next(usable_checkpoints(args, world), None)
-        if usable is None:
-            if found:
-                raise CheckpointError(
-                    f"--resume auto: none of the {len(found)} checkpoint(s) in {out}/checkpoints "
-                    "is usable (see the warnings above); remove them to start afresh"
-                )
-            return  # nothing saved yet: a fresh start
-        checkpoint, args.start_batch = usable
-    else:
-        given = checkpoints.resolve(args.resume, out)
-        assert given is not None  # only "auto" resolves to nothing
-        args.start_batch = check_checkpoint(args, world, given)
-        check_resume_out(out, given)
-        checkpoint = given
-    args.resume_from = str(checkpoint)
-
-
-def usable_checkpoints(
-    args: argparse.Namespace, world: int, below: Path | None = None
-) -> Iterator[tuple[Path, int]]:
-    """--resume auto: the checkpoints of --out (older than ``below`` when given), newest first,
-    with the batch each would start with; broken ones are skipped with a warning saying why,
-    one that contradicts the flags raises its ``CheckpointError``."""
-    for checkpoint in reversed(checkpoints.complete_checkpoints(Path(args.out) / "checkpoints")):
-        if below is not None and checkpoint.name >= below.name:
-            continue
-        try:
-            start_batch = check_checkpoint(args, world, checkpoint)
-        except BrokenCheckpoint as exc:
-            warn(f"--resume auto: skipped {checkpoint}: {exc}")
-            continue
-        yield checkpoint, start_batch
-
-
-def check_checkpoint(args: argparse.Namespace, world: int, checkpoint: Path) -> int:
-    """The batch a run with ``args`` on ``world`` ranks starts with from ``checkpoint``; a
-    ``CheckpointError`` when its trainer.json is broken (``BrokenCheckpoint``) or it cannot be
-    resumed with these flags or ranks."""
-    meta = checkpoints.read_meta(checkpoint)
-    saved, parser = meta["args"], build_parser()
-    differ = [
-        f"--{k.replace('_', '-')} {saved.get(k, parser.get_default(k))!r} (this run: {v!r})"
-        for k, v in vars(args).items()
-        if k not in RESUME_MAY_CHANGE and saved.get(k, parser.get_default(k)) != v
-    ]
-    if differ:
-        raise CheckpointError(
-            f"--resume {checkpoint}: the checkpoint was taken with " + ", ".join(differ)
-            + "; resume with the same flags"
-        )  # fmt: skip
-    if meta["zero_stage"] and world != meta["world_size"]:
-        raise CheckpointError(
-            f"--resume {checkpoint}: ZeRO-{meta['zero_stage']} checkpoints hold one optimizer "
-            f"partition per rank ({meta['world_size']} ranks, this run {world}); resume on as "
-            "many ranks (ZeRO-0 converts)"
-        )
-    unit = args.micro_batch * world
-    if unit != meta["micro_batch"] * meta["world_size"]:
-        # the controller's own rule (BatchSizeController.load_state_dict converts the same way)
-        return resume_batch_size(meta["batch_size"], unit=unit, maximum=args.max_batch or None)
-    return int(meta["batch_size"])
-
-
-def check_resume_out(out: Path, checkpoint: Path) -> None:
-    """Refuse to resume ``checkpoint`` into ``out`` when ``out`` is not its run directory and
-    holds another run's outputs (``resume_point`` says why; a new or empty ``out`` is a fork)."""
-    run = checkpoints.run_directory(checkpoint)
-    if run is not None and out.resolve() == run:
-        return  # the checkpoint's own run continues
-    held = checkpoints.run_outputs(out)
-    if not held:
-        return  # a fork into a new or empty directory
-    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
-    raise CheckpointError(
-        f"--out {out} holds another run's outputs ({shown}), and --resume {checkpoint} is "
-        f"of {'run ' + str(run) if run else 'no run directory'}: resuming there would replace "
-        f"its metrics.jsonl and summary.json and delete its checkpoints. Continue the run in "
-        f"{out} with --resume {out} (or --resume auto), fork {checkpoint} into a new or empty "
-        "--out, or move that run's outputs away first"
-    )
-
-
-def warn(message: str) -> None:
-    """A warning on stderr from the first rank (the others find the same); before the process
-    group exists too (torchrun and DeepSpeed's launcher export RANK)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
 
 
 #: The paper's theta, the default of --estimator paper (it was tuned with that estimator).
@@ -966,7 +851,7 @@ class DeepSpeedRuntime:
         return load_rank_state(directory)
 
 
-# -- checkpoints (layout: launch/checkpoints.py) ---------------------------------------------------
+# -- the loop ------------------------------------------------------------------------------------
 
 
 class StopRequest:
@@ -980,96 +865,6 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
-
-
-def save_checkpoint(runtime: DDPRuntime | DeepSpeedRuntime, args: argparse.Namespace,
-                    world: int) -> Path:  # fmt: skip
-    """Collective: the checkpoint of the step just closed, committed atomically; a failed write
-    on any rank (a full disk) stops every rank with an error naming the directory."""
-    monitor = runtime.readout
-    meta = {
-        "step": monitor.step,
-        "samples": monitor.samples,
-        "batch_size": monitor.batch_size,
-        "world_size": world,
-        "micro_batch": args.micro_batch,
-        "zero_stage": getattr(runtime, "zero_stage", None),
-        "args": vars(args),
-    }
-    rank_state = {"rng": torch.get_rng_state()}
-    try:
-        return checkpoints.save(
-            Path(args.out) / "checkpoints",
-            monitor.step,
-            lambda partial: runtime.save(partial, rank_state),
-            meta,
-            args.keep_checkpoints,
-            runtime.device,  # NCCL reduces on the GPU
-        )
-    except SaveError as exc:
-        raise SystemExit(f"train.py: error: {exc}") from exc
-
-
-def load_checkpoint(runtime: DDPRuntime | DeepSpeedRuntime, checkpoint: Path) -> str | None:
-    """Load every part of ``checkpoint``: None when it loaded on every rank, else why not. The
-    same answer on every rank (they agree in one all-reduce), so that none goes on alone."""
-    meta = checkpoints.read_meta(checkpoint)
-    error, rng = None, None
-    try:
-        rank_state = runtime.load(checkpoint)
-        rng = rank_state["rng"]
-        monitor = runtime.readout
-        if (monitor.step, monitor.samples) != (meta["step"], meta["samples"]):
-            raise ValueError(
-                f"it holds no nongns state for step {meta['step']} (loaded: step "
-                f"{monitor.step}, {monitor.samples} samples)"
-            )
-    except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    failed = torch.tensor([float(error is not None)], device=runtime.device)  # NCCL: on the GPU
-    dist.all_reduce(failed)
-    if failed.item():
-        return error or f"{int(failed.item())} other rank(s) failed, see their errors"
-    if dist.get_rank() < meta["world_size"]:
-        assert rng is not None  # read before the all-reduce, which found no failure
-        torch.set_rng_state(rng)
-    return None
-
-
-def load_resume(runtime: DDPRuntime | DeepSpeedRuntime, args: argparse.Namespace,
-                world: int) -> Path:  # fmt: skip
-    """Load the checkpoint ``resume_point`` chose and return the one loaded. ``--resume auto``
-    goes back to the next older checkpoint while one does not load (a truncated file, say),
-    with a warning naming it and why; an explicit ``--resume PATH`` that does not load, or no
-    checkpoint that loads, stops every rank with an error (before anything is written)."""
-    first = Path(args.resume_from)
-    failures = []
-    try:
-        older = usable_checkpoints(args, world, below=first) if args.resume == "auto" else None
-        for checkpoint in itertools.chain([first], (c for c, _ in older or ())):
-            error = load_checkpoint(runtime, checkpoint)
-            if error is None:
-                return checkpoint
-            failures.append(f"cannot load checkpoint {checkpoint} (truncated, or not this run's?): "
-                            f"{error}")  # fmt: skip
-            if older is not None:
-                warn(f"--resume auto: skipped {checkpoint}: it does not load ({error})")
-    except CheckpointError as exc:  # an older checkpoint that contradicts the flags
-        failures.append(str(exc))
-    raise SystemExit("train.py: error: " + "\ntrain.py: error: ".join(failures))
-
-
-def rank_file(directory: Path, rank: int) -> Path:
-    return directory / f"rank{rank:05d}.pt"
-
-
-def load_rank_state(directory: Path) -> dict[str, Any]:
-    """This rank's saved state; on more ranks than the checkpoint had, rank 0's (the controller
-    state is the same on every rank; the pooled moments are refused as another rank's)."""
-    file = rank_file(directory, dist.get_rank())
-    if not file.is_file():
-        file = rank_file(directory, 0)
-    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 RUNTIMES: dict[str, type[DDPRuntime] | type[DeepSpeedRuntime]] = {
@@ -1116,7 +911,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
     resume = Path(args.resume_from) if args.resume_from else None
     if resume is not None:
         # before the log: a bad checkpoint overwrites nothing
-        resume = load_resume(runtime, args, world)
+        resume = load_resume(runtime, args, world, flag_defaults())
         args.resume_from = str(resume)  # the one loaded: summary.json and later trainer.json
         if monitor.samples >= args.sample_budget:
             if rank == 0:
