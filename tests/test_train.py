@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import checkpoints, cli, train
+from launch import checkpoints, cli, runtimes, train
 from launch.llama import Llama
 
 from .test_data import TEST_CORPUS_MB
@@ -258,7 +258,7 @@ def test_help_describes_the_job_and_offers_every_engine() -> None:
     assert train.__doc__ is not None
     first = train.__doc__.split("\n\n")[0]
     assert " ".join(cli.DESCRIPTION.split()) == " ".join(first.split())
-    assert tuple(train.RUNTIMES) == cli.ENGINES
+    assert tuple(runtimes.RUNTIMES) == cli.ENGINES
 
 
 def test_single_process_fsdp_is_refused_with_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
@@ -285,7 +285,7 @@ def test_device_flags_resolve_and_refuse_cleanly(capsys: pytest.CaptureFixture[s
             cli.parse_args(["--device", "cuda"], world_size=2)
         assert exit_info.value.code == 2
         assert "--device cuda: torch finds no CUDA device" in capsys.readouterr().err
-        assert train.training_device(args) == torch.device("cpu")
+        assert runtimes.training_device(args) == torch.device("cpu")
 
 
 @pytest.mark.distributed
