@@ -1,5 +1,6 @@
-"""What launch/train.py logs: rank 0's metrics.jsonl (one record per optimizer step) and
-TensorBoard events, and the trajectory of the global batch for summary.json.
+"""What launch/train.py logs: rank 0's metrics.jsonl (one record per optimizer step:
+``step_record``) and TensorBoard events, and the trajectory of the global batch for
+summary.json.
 """
 
 from __future__ import annotations
@@ -13,10 +14,53 @@ from typing import Any
 from tqdm import tqdm
 
 from launch import checkpoints
+from nongns_dist import GNSEstimate
+from nongns_dist.engines.core import StepCore
 
 
 def finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no inf/nan
+
+
+def step_record(
+    monitor: StepCore,
+    seq_len: int,
+    batch_size: int,
+    accumulation: int,
+    lr: float,
+    lr_multiplier: float,
+    train_loss: float,
+    before: GNSEstimate | None,
+) -> dict[str, Any]:
+    """The metrics.jsonl record of the optimizer step ``monitor`` just closed, which ran with
+    ``batch_size``, ``accumulation``, ``lr`` and ``lr_multiplier`` (the values before the
+    controller's decision). The noise-scale fields only when the step measured: its estimate is
+    not ``before``, the one before the step; val_loss is the caller's."""
+    record: dict[str, Any] = {
+        "step": monitor.step,
+        "samples": monitor.samples,
+        "tokens": monitor.samples * seq_len,
+        "batch_size": batch_size,
+        "accumulation": accumulation,
+        "lr": lr,
+        "lr_multiplier": lr_multiplier,
+        "train_loss": train_loss,
+    }
+    estimate: GNSEstimate | None = monitor.last_estimate
+    decision = monitor.last_decision
+    assert decision is not None  # set by the step that closed
+    if estimate is not None and estimate is not before:  # this step measured
+        # raw: this measurement alone; pooled: the noise the controller acts on
+        pooled = estimate.pooled
+        record |= {
+            "gns_raw": finite_or_none(estimate.gns),
+            "noise_raw": finite_or_none(estimate.noise),
+            "signal": finite_or_none(estimate.signal),
+            "gns_pooled": None if pooled is None else finite_or_none(pooled.gns),
+            "noise_pooled": None if pooled is None else finite_or_none(pooled.noise),
+            "target_batch_size": decision.target_batch_size,
+        }
+    return record
 
 
 def records_until(metrics: Path, step: int) -> list[str]:

@@ -29,7 +29,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,7 +48,7 @@ from launch.data import (
     validation_windows,
 )
 from launch.llama import Llama
-from launch.metrics import RunLog, finite_or_none
+from launch.metrics import RunLog, step_record
 from launch.runtimes import (
     RUNTIMES,
     DDPRuntime,
@@ -58,7 +57,123 @@ from launch.runtimes import (
     next_token_loss,
     training_device,
 )
-from nongns_dist import GNSEstimate, exit_cleanly, warmup_cosine
+from nongns_dist import exit_cleanly, warmup_cosine
+from nongns_dist.controller import ControllerReadout
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(argv))
+
+
+def train(args: argparse.Namespace) -> None:
+    """Run the job; the process group stays up for ``exit_cleanly`` unless the job failed."""
+    rank, world, local_rank = init_distributed(args)
+    try:
+        _train(args, rank, world, local_rank)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+
+
+def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> None:
+    """The job on this rank: data, runtime, the checkpoint to resume, then optimizer steps until
+    the budget is spent (each logged, evaluated and checkpointed as the flags say), summary."""
+    started = time.perf_counter()
+    out = Path(args.out)
+    stop = StopRequest()  # SIGTERM: checkpoint at the next step boundary, then leave
+    corpus = load_data(args, local_rank)
+    val_windows = validation_windows(
+        corpus.val, args.seq_len, args.eval_batches * args.micro_batch
+    ).to(training_device(args))
+    runtime, n_params = build_runtime(args, corpus.vocab_size)
+    monitor, optimizer = runtime.readout, runtime.optimizer
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]  # Muon's groups differ
+    resume = Path(args.resume_from) if args.resume_from else None
+    if resume is not None:
+        # before the log: a bad checkpoint overwrites nothing
+        resume = load_resume(runtime, args, world, flag_defaults())
+        args.resume_from = str(resume)  # the one loaded: summary.json and later trainer.json
+        if monitor.samples >= args.sample_budget:
+            if rank == 0:
+                print(f"{resume}: the run is complete ({monitor.samples} samples)", flush=True)
+            return
+    log = RunLog(out, enabled=rank == 0, resume=resume)
+    log.say(describe_run(args, world, n_params, corpus, resume, monitor))
+    bar = tqdm(
+        total=args.sample_budget,
+        initial=monitor.samples,
+        unit="sample",
+        disable=rank != 0,
+        dynamic_ncols=True,
+    )
+    val_loss: float | None = None
+    saved: Path | None = None
+    while monitor.samples < args.sample_budget:
+        # What this step runs with; the controller may change them when the step closes.
+        step, batch_size = monitor.step, monitor.batch_size
+        accumulation, multiplier = monitor.accumulation_steps, monitor.controller.lr_multiplier
+        log.batch(step, batch_size)
+        schedule = set_lr(optimizer, peak_lrs, monitor.samples, args)
+        micro_batches = step_batches(corpus, args, rank, step, accumulation, runtime.device)
+        before = monitor.last_estimate
+        loss_sum = runtime.train_step(micro_batches)
+        decision = monitor.last_decision
+        assert decision is not None and monitor.step == step + 1  # set by the step that closed
+        train_loss, stopping = global_mean_and_any(loss_sum / accumulation, stop.requested)
+
+        record = step_record(
+            monitor,
+            args.seq_len,
+            batch_size=batch_size,
+            accumulation=accumulation,
+            lr=peak_lrs[0] * schedule * multiplier,
+            lr_multiplier=multiplier,
+            train_loss=train_loss,
+            before=before,
+        )
+        done = monitor.samples >= args.sample_budget
+        if done or due(monitor.step, args.eval_every):
+            val_loss = evaluate(runtime.eval_model, val_windows, args.micro_batch, runtime.autocast)
+            record["val_loss"] = val_loss
+        log.write(record)
+        if decision.changed:
+            log.say(
+                f"step {monitor.step}: global batch {batch_size} -> {decision.batch_size} "
+                f"(accumulation {decision.accumulation_steps}, lr x{decision.lr_multiplier:.3f})"
+            )
+        show_progress(bar, train_loss, batch_size, monitor.batch_size, val_loss)
+        if done or stopping or due(monitor.step, args.checkpoint_every):
+            saved = save_checkpoint(runtime, args, world)
+        if stopping and not done:
+            bar.close()
+            log.close()
+            log.say(
+                f"SIGTERM: stopped after step {monitor.step} ({monitor.samples} samples), "
+                f"checkpoint {saved}; continue with --resume {out} (or --resume auto)"
+            )
+            return
+    bar.close()
+
+    assert val_loss is not None and saved is not None  # the last step evaluates and saves
+    log.close()
+    if rank == 0:
+        write_summary(args, world, n_params, corpus, monitor, log, val_loss, saved, started)
+
+
+# -- the parts of the job, in the order it uses them -----------------------------------------------
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's preemption, torchrun stopping its workers) asks the run to stop:
+    the loop checkpoints at the next step boundary and leaves with exit code 0. Every rank
+    learns of it in the step's loss all-reduce, so they stop at the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
 
 
 def load_data(args: argparse.Namespace, local_rank: int) -> Corpus:
@@ -76,7 +191,87 @@ def load_data(args: argparse.Namespace, local_rank: int) -> Corpus:
     )
 
 
-# -- loss and evaluation ---------------------------------------------------------------------------
+def build_runtime(
+    args: argparse.Namespace, vocab_size: int
+) -> tuple[DDPRuntime | DeepSpeedRuntime, int]:
+    """The model on the training device in --engine's runtime, and its parameter count."""
+    # The same initial weights everywhere: DDP and DeepSpeed broadcast rank 0's, FSDP keeps
+    # each rank's shard of its own copy, identical by the seed.
+    # Built on the CPU, then moved: the same weights on every device.
+    torch.manual_seed(args.seed)
+    model = Llama(model_config(args, vocab_size)).to(training_device(args))
+    n_params = sum(p.numel() for p in model.parameters())  # before FSDP or ZeRO-3 shard them
+    try:
+        runtime: DDPRuntime | DeepSpeedRuntime = RUNTIMES[args.engine](args, model)
+    except (ValueError, NotImplementedError) as exc:
+        # e.g. a norm that leaves no parameter to measure, or a --ds-config setting the
+        # DeepSpeed plugin does not support (offload, DeepCompile, ...)
+        raise SystemExit(f"train.py: error: {exc}") from exc
+    return runtime, n_params
+
+
+def describe_run(
+    args: argparse.Namespace,
+    world: int,
+    n_params: int,
+    corpus: Corpus,
+    resume: Path | None,
+    monitor: ControllerReadout,
+) -> str:
+    """The run's opening lines: engine, model, optimizer, batch, data, where it writes."""
+    return (
+        f"{args.engine} on {args.device}"
+        + (" (bf16 autocast)" if args.autocast == "bf16" else "")
+        + f", world size {world}, {n_params / 1e6:.2f}M parameters, {args.optimizer} "
+        f"lr {args.lr:g}, batch {args.batch_mode} from {args.initial_batch} (max "
+        f"{args.max_batch}), budget {args.sample_budget} samples\ndata: {corpus.description}\n"
+        f"run directory: {Path(args.out)}"
+        + (f"\nresumed from {resume} at step {monitor.step}, batch {monitor.batch_size}"
+           if resume else "")
+    )  # fmt: skip
+
+
+def set_lr(
+    optimizer: torch.optim.Optimizer,
+    peak_lrs: list[float],
+    samples: int,
+    args: argparse.Namespace,
+) -> float:
+    """Set each group's lr to its peak times the schedule at ``samples`` (linear warm-up, then
+    cosine to 0 at the budget); returns the schedule's factor."""
+    schedule = warmup_cosine(samples, args.sample_budget, warmup_fraction=args.warmup_fraction)
+    for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
+        group["lr"] = peak * schedule  # the library multiplies by sqrt(B/B0) during step()
+    return schedule
+
+
+def step_batches(
+    corpus: Corpus,
+    args: argparse.Namespace,
+    rank: int,
+    step: int,
+    accumulation: int,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """This rank's micro-batches of ``step``, on ``device``."""
+    # the data position is the step: windows are drawn from (seed, rank, step)
+    rng = batch_rng(args.seed, rank, step)
+    windows = sample_windows(corpus.train, args.seq_len, accumulation * args.micro_batch, rng)
+    windows = windows.to(device, non_blocking=True)  # from the CPU's generator
+    return list(windows.split(args.micro_batch))
+
+
+def global_mean_and_any(value: torch.Tensor, flag: bool) -> tuple[float, bool]:
+    """The mean of ``value`` (a 0-dim tensor on the training device) over ranks and whether any
+    rank raised ``flag``: one all-reduce, on ``value``'s device, and one host sync."""
+    totals = torch.stack([value.double(), value.new_tensor(float(flag), dtype=torch.float64)])
+    dist.all_reduce(totals)
+    return totals[0].item() / dist.get_world_size(), bool(totals[1] > 0)
+
+
+def due(step: int, every: int) -> bool:
+    """Whether an --eval-every or --checkpoint-every of ``every`` (0: off) falls on ``step``."""
+    return bool(every and step % every == 0)
 
 
 @torch.no_grad()
@@ -101,168 +296,31 @@ def evaluate(
     return (totals[0] / totals[1]).item()
 
 
-def global_mean_and_any(value: torch.Tensor, flag: bool) -> tuple[float, bool]:
-    """The mean of ``value`` (a 0-dim tensor on the training device) over ranks and whether any
-    rank raised ``flag``: one all-reduce, on ``value``'s device, and one host sync."""
-    totals = torch.stack([value.double(), value.new_tensor(float(flag), dtype=torch.float64)])
-    dist.all_reduce(totals)
-    return totals[0].item() / dist.get_world_size(), bool(totals[1] > 0)
+def show_progress(
+    bar: tqdm, train_loss: float, batch_size: int, next_batch: int, val_loss: float | None
+) -> None:
+    """The progress bar after a step that ran ``batch_size`` samples; the next runs
+    ``next_batch``."""
+    postfix = {"loss": f"{train_loss:.3f}", "B": next_batch}
+    if val_loss is not None:
+        postfix["val"] = f"{val_loss:.3f}"
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(min(batch_size, bar.total - bar.n))  # the last batch may overshoot the budget
 
 
-# -- the loop ------------------------------------------------------------------------------------
-
-
-class StopRequest:
-    """SIGTERM (a scheduler's preemption, torchrun stopping its workers) asks the run to stop:
-    the loop checkpoints at the next step boundary and leaves with exit code 0. Every rank
-    learns of it in the step's loss all-reduce, so they stop at the same step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-
-def train(args: argparse.Namespace) -> None:
-    """Run the job; the process group stays up for ``exit_cleanly`` unless the job failed."""
-    rank, world, local_rank = init_distributed(args)
-    try:
-        _train(args, rank, world, local_rank)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-
-
-def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> None:
-    started = time.perf_counter()
+def write_summary(
+    args: argparse.Namespace,
+    world: int,
+    n_params: int,
+    corpus: Corpus,
+    monitor: ControllerReadout,
+    log: RunLog,
+    val_loss: float,
+    saved: Path,
+    started: float,
+) -> None:
+    """Rank 0, at the end: summary.json and the closing lines."""
     out = Path(args.out)
-    stop = StopRequest()  # SIGTERM: checkpoint at the next step boundary, then leave
-    corpus = load_data(args, local_rank)
-    val_windows = validation_windows(
-        corpus.val, args.seq_len, args.eval_batches * args.micro_batch
-    ).to(training_device(args))
-
-    # The same initial weights everywhere: DDP and DeepSpeed broadcast rank 0's, FSDP keeps
-    # each rank's shard of its own copy, identical by the seed.
-    # Built on the CPU, then moved: the same weights on every device.
-    torch.manual_seed(args.seed)
-    model = Llama(model_config(args, corpus.vocab_size)).to(training_device(args))
-    n_params = sum(p.numel() for p in model.parameters())  # before FSDP or ZeRO-3 shard them
-    try:
-        runtime: DDPRuntime | DeepSpeedRuntime = RUNTIMES[args.engine](args, model)
-    except (ValueError, NotImplementedError) as exc:
-        # e.g. a norm that leaves no parameter to measure, or a --ds-config setting the
-        # DeepSpeed plugin does not support (offload, DeepCompile, ...)
-        raise SystemExit(f"train.py: error: {exc}") from exc
-    monitor, optimizer = runtime.readout, runtime.optimizer
-    peak_lrs = [group["lr"] for group in optimizer.param_groups]  # Muon's groups differ
-    resume = Path(args.resume_from) if args.resume_from else None
-    if resume is not None:
-        # before the log: a bad checkpoint overwrites nothing
-        resume = load_resume(runtime, args, world, flag_defaults())
-        args.resume_from = str(resume)  # the one loaded: summary.json and later trainer.json
-        if monitor.samples >= args.sample_budget:
-            if rank == 0:
-                print(f"{resume}: the run is complete ({monitor.samples} samples)", flush=True)
-            return
-    log = RunLog(out, enabled=rank == 0, resume=resume)
-
-    log.say(
-        f"{args.engine} on {args.device}"
-        + (" (bf16 autocast)" if args.autocast == "bf16" else "")
-        + f", world size {world}, {n_params / 1e6:.2f}M parameters, {args.optimizer} "
-        f"lr {args.lr:g}, batch {args.batch_mode} from {args.initial_batch} (max "
-        f"{args.max_batch}), budget {args.sample_budget} samples\ndata: {corpus.description}\n"
-        f"run directory: {out}"
-        + (f"\nresumed from {resume} at step {monitor.step}, batch {monitor.batch_size}"
-           if resume else "")
-    )  # fmt: skip
-    bar = tqdm(
-        total=args.sample_budget,
-        initial=monitor.samples,
-        unit="sample",
-        disable=rank != 0,
-        dynamic_ncols=True,
-    )
-    val_loss: float | None = None
-    saved: Path | None = None
-    while monitor.samples < args.sample_budget:
-        # What this step runs with; the controller may change them when the step closes.
-        step, batch_size = monitor.step, monitor.batch_size
-        accumulation, multiplier = monitor.accumulation_steps, monitor.controller.lr_multiplier
-        log.batch(step, batch_size)
-        schedule = warmup_cosine(
-            monitor.samples, args.sample_budget, warmup_fraction=args.warmup_fraction
-        )
-        for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
-            group["lr"] = peak * schedule  # the library multiplies by sqrt(B/B0) during step()
-
-        # the data position is the step: windows are drawn from (seed, rank, step)
-        rng = batch_rng(args.seed, rank, step)
-        windows = sample_windows(corpus.train, args.seq_len, accumulation * args.micro_batch, rng)
-        windows = windows.to(runtime.device, non_blocking=True)  # from the CPU's generator
-        before = monitor.last_estimate
-        loss_sum = runtime.train_step(list(windows.split(args.micro_batch)))
-        decision = monitor.last_decision
-        assert decision is not None and monitor.step == step + 1  # set by the step that closed
-        train_loss, stopping = global_mean_and_any(loss_sum / accumulation, stop.requested)
-
-        record: dict[str, Any] = {
-            "step": monitor.step,
-            "samples": monitor.samples,
-            "tokens": monitor.samples * args.seq_len,
-            "batch_size": batch_size,
-            "accumulation": accumulation,
-            "lr": peak_lrs[0] * schedule * multiplier,
-            "lr_multiplier": multiplier,
-            "train_loss": train_loss,
-        }
-        estimate: GNSEstimate | None = monitor.last_estimate
-        if estimate is not None and estimate is not before:  # this step measured
-            # raw: this measurement alone; pooled: the noise the controller acts on
-            pooled = estimate.pooled
-            record |= {
-                "gns_raw": finite_or_none(estimate.gns),
-                "noise_raw": finite_or_none(estimate.noise),
-                "signal": finite_or_none(estimate.signal),
-                "gns_pooled": None if pooled is None else finite_or_none(pooled.gns),
-                "noise_pooled": None if pooled is None else finite_or_none(pooled.noise),
-                "target_batch_size": decision.target_batch_size,
-            }
-        done = monitor.samples >= args.sample_budget
-        if done or (args.eval_every and monitor.step % args.eval_every == 0):
-            val_loss = evaluate(runtime.eval_model, val_windows, args.micro_batch, runtime.autocast)
-            record["val_loss"] = val_loss
-        log.write(record)
-        if decision.changed:
-            log.say(
-                f"step {monitor.step}: global batch {batch_size} -> {decision.batch_size} "
-                f"(accumulation {decision.accumulation_steps}, lr x{decision.lr_multiplier:.3f})"
-            )
-        postfix = {"loss": f"{record['train_loss']:.3f}", "B": monitor.batch_size}
-        if val_loss is not None:
-            postfix["val"] = f"{val_loss:.3f}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(min(batch_size, bar.total - bar.n))  # the last batch may overshoot the budget
-        every = args.checkpoint_every
-        if done or stopping or (every and monitor.step % every == 0):
-            saved = save_checkpoint(runtime, args, world)
-        if stopping and not done:
-            bar.close()
-            log.close()
-            log.say(
-                f"SIGTERM: stopped after step {monitor.step} ({monitor.samples} samples), "
-                f"checkpoint {saved}; continue with --resume {out} (or --resume auto)"
-            )
-            return
-    bar.close()
-
-    assert val_loss is not None and saved is not None  # the last step evaluates and saves
-    log.close()
-    if rank != 0:
-        return
     summary = {
         "final_val_loss": val_loss,
         "steps": monitor.step,
@@ -286,10 +344,6 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
         f"outputs: {out}/metrics.jsonl, summary.json, checkpoint {saved}",
         flush=True,
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    train(parse_args(argv))
 
 
 if __name__ == "__main__":
