@@ -19,6 +19,9 @@ and FSDP1, ``nongns_dist.deepspeed.initialize`` for DeepSpeed) applies inside op
 Outputs in --out: metrics.jsonl (one line per optimizer step), TensorBoard events when the
 ``tensorboard`` package is installed, checkpoints/ (step directories: launch/checkpoints.py;
 --checkpoint-every, --resume, SIGTERM: README "Long runs") and summary.json.
+
+This file is the job and its loop; the flags are launch/cli.py, the engines launch/runtimes.py,
+saving and resuming launch/checkpoints.py, metrics.jsonl and TensorBoard launch/metrics.py.
 """
 
 from __future__ import annotations
