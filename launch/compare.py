@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from launch.train import DEFAULT_LR
-from launch.train import build_parser as train_parser
+from launch.cli import DEFAULT_LR
+from launch.cli import build_parser as train_parser
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 MODES = ("small", "large", "euclidean", "non_euclidean")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import checkpoints, train
+from launch import checkpoints, cli
 from nongns_dist import warmup_cosine
 
 from .test_train import TINY, TORCHRUN, TRAIN, _records, _run
@@ -314,22 +314,22 @@ def test_bad_resume_paths_and_contradicting_flags_are_clean_errors(
     def error(flags: list[str], world: int = 2) -> str:
         with pytest.raises(SystemExit) as exit_info:
             out = [] if "--out" in flags else ["--out", str(tmp_path / "out")]
-            train.parse_args([*flags, *out], world_size=world)
+            cli.parse_args([*flags, *out], world_size=world)
         assert exit_info.value.code == 2
         return capsys.readouterr().err
 
-    saved = vars(train.parse_args(["--out", str(tmp_path / "out")], world_size=2))
+    saved = vars(cli.parse_args(["--out", str(tmp_path / "out")], world_size=2))
     good = _write_checkpoint(
         tmp_path / "run" / "checkpoints" / "step_00000010",
         step=10, samples=80, batch_size=24, world_size=2, micro_batch=4, zero_stage=None,
         args=saved,
     )  # fmt: skip
-    args = train.parse_args(["--resume", str(tmp_path / "run")], world_size=2)
+    args = cli.parse_args(["--resume", str(tmp_path / "run")], world_size=2)
     assert args.resume_from == str(good) and args.start_batch == 24
-    args = train.parse_args(["--resume", str(good)], world_size=4)  # unit 16: 24 -> 32
-    assert args.start_batch == 32 and train.gns_config(args).initial_batch_size == 32
+    args = cli.parse_args(["--resume", str(good)], world_size=4)  # unit 16: 24 -> 32
+    assert args.start_batch == 32 and cli.gns_config(args).initial_batch_size == 32
     fresh = ["--resume", "auto", "--out", str(tmp_path / "out")]
-    assert train.parse_args(fresh, world_size=2).resume_from is None  # nothing saved yet
+    assert cli.parse_args(fresh, world_size=2).resume_from is None  # nothing saved yet
     message = error(["--out", str(tmp_path / "run")])  # a fresh start beside saved checkpoints
     assert "holds checkpoints of an earlier run (latest: step_00000010)" in message
 
@@ -578,7 +578,7 @@ def test_a_malformed_trainer_json_is_an_error_naming_the_file_and_the_field(
     """``python launch/train.py --resume CHECKPOINT`` whose trainer.json lacks a field (None
     here: removed) or has one of the wrong type: exit code 2 and the parser's message naming
     the file and the field (a missing "args" was a KeyError traceback), nothing written."""
-    saved = vars(train.parse_args(["--out", str(tmp_path / "run")], world_size=1))
+    saved = vars(cli.parse_args(["--out", str(tmp_path / "run")], world_size=1))
     meta: dict[str, object] = dict(
         step=10, samples=80, batch_size=8, world_size=1, micro_batch=4, zero_stage=None, args=saved
     )

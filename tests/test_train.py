@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import checkpoints, train
+from launch import checkpoints, cli, runtimes, train
 from launch.llama import Llama
 
 from .test_data import TEST_CORPUS_MB
@@ -133,8 +133,8 @@ def test_adaptive_run_on_two_ranks_grows_the_batch(tmp_path: Path, corpus_dir: P
     monitor = _checkpoint(out, "rank00000.pt")["monitor"]
     assert monitor["controller"]["batch_size"] >= trajectory[-1][1]
     assert checkpoints.read_meta(last)["args"]["optimizer"] == "signum"
-    args = train.parse_args([*flags, "--resume", "auto"], world_size=2)  # its last checkpoint
-    model = Llama(train.model_config(args, vocab_size=256))
+    args = cli.parse_args([*flags, "--resume", "auto"], world_size=2)  # its last checkpoint
+    model = Llama(cli.model_config(args, vocab_size=256))
     model.load_state_dict(_checkpoint(out)["model"])
 
 
@@ -173,7 +173,7 @@ def test_bad_flags_are_clean_errors(
     flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(flags, world_size=2)
+        cli.parse_args(flags, world_size=2)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -249,13 +249,22 @@ def test_flags_for_the_chosen_optimizer_and_data_are_accepted(tmp_path: Path) ->
         ["--engine", "fsdp1", "--fsdp-strategy", "NO_SHARD"],
         ["--engine", "deepspeed", "--zero-stage", "1"],
     ):
-        train.parse_args([*flags, "--out", str(tmp_path / "out")], world_size=2)
+        cli.parse_args([*flags, "--out", str(tmp_path / "out")], world_size=2)
+
+
+def test_help_describes_the_job_and_offers_every_engine() -> None:
+    """--help's description is the first paragraph of train.py's docstring, and --engine offers
+    exactly the runtimes there are (the CLI names them without importing the engines)."""
+    assert train.__doc__ is not None
+    first = train.__doc__.split("\n\n")[0]
+    assert " ".join(cli.DESCRIPTION.split()) == " ".join(first.split())
+    assert tuple(runtimes.RUNTIMES) == cli.ENGINES
 
 
 def test_single_process_fsdp_is_refused_with_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
-    assert train.parse_args([], world_size=1).engine == "ddp"  # one process: the plain module
+    assert cli.parse_args([], world_size=1).engine == "ddp"  # one process: the plain module
     with pytest.raises(SystemExit):
-        train.parse_args(["--engine", "fsdp2"], world_size=1)
+        cli.parse_args(["--engine", "fsdp2"], world_size=1)
     assert "one process runs with --engine ddp" in capsys.readouterr().err
 
 
@@ -263,17 +272,20 @@ def test_device_flags_resolve_and_refuse_cleanly(capsys: pytest.CaptureFixture[s
     """--device auto picks CUDA when torch finds it; --device cuda without it is a parser error
     naming the fix; --autocast bf16 is accepted on either device."""
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert train.parse_args([], world_size=2).device == expected  # the default: auto
-    assert train.parse_args(["--device", "cpu"], world_size=2).device == "cpu"
-    args = train.parse_args(["--device", "cpu", "--autocast", "bf16"], world_size=2)
+    assert cli.parse_args([], world_size=2).device == expected  # the default: auto
+    assert cli.parse_args(["--device", "cpu"], world_size=2).device == "cpu"
+    args = cli.parse_args(["--device", "cpu", "--autocast", "bf16"], world_size=2)
     assert (args.device, args.autocast) == ("cpu", "bf16")
-    assert "device" in train.RESUME_MAY_CHANGE and "autocast" not in train.RESUME_MAY_CHANGE
+    assert (
+        "device" in checkpoints.RESUME_MAY_CHANGE
+        and "autocast" not in checkpoints.RESUME_MAY_CHANGE
+    )
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as exit_info:
-            train.parse_args(["--device", "cuda"], world_size=2)
+            cli.parse_args(["--device", "cuda"], world_size=2)
         assert exit_info.value.code == 2
         assert "--device cuda: torch finds no CUDA device" in capsys.readouterr().err
-        assert train.training_device(args) == torch.device("cpu")
+        assert runtimes.training_device(args) == torch.device("cpu")
 
 
 @pytest.mark.distributed
@@ -302,7 +314,7 @@ def test_deepspeed_config_flags_are_checked(
 ) -> None:
     def error(flags: list[str]) -> str:
         with pytest.raises(SystemExit):
-            train.parse_args(flags, world_size=2)
+            cli.parse_args(flags, world_size=2)
         return capsys.readouterr().err
 
     owned = tmp_path / "owned.json"
@@ -320,12 +332,12 @@ def test_deepspeed_config_flags_are_checked(
     assert "--ds-config need --engine deepspeed" in error(["--ds-config", str(staged)])
     assert "needs --zero-stage 0" in error([*ds, "--optimizer", "muon", "--zero-stage", "2"])
 
-    args = train.parse_args([*ds, "--ds-config", str(staged), "--initial-batch", "16"], 2)
-    config = train.deepspeed_config(args, world_size=2)
+    args = cli.parse_args([*ds, "--ds-config", str(staged), "--initial-batch", "16"], 2)
+    config = cli.deepspeed_config(args, world_size=2)
     assert config["zero_optimization"] == {"stage": 1} and config["bf16"] == {"enabled": False}
     assert config["gradient_accumulation_steps"] == 2 and config["gradient_clipping"] == 0.0
     assert config["zero_allow_untested_optimizer"] is True
-    assert config["nongns"] == train.gns_config(args).to_dict()
+    assert config["nongns"] == cli.gns_config(args).to_dict()
 
 
 @pytest.mark.distributed

@@ -76,7 +76,7 @@ from launch.benchmarks.estimator_accuracy import (
 )
 from launch.data import load_corpus, sample_windows
 from launch.llama import Llama
-from launch.train import build_optimizer
+from launch.runtimes import build_optimizer
 from nongns_dist import estimate_gns
 from nongns_dist.capture.plan import module_plan_entries
 from nongns_dist.norms import c4_dof, sqrt_trace
@@ -266,8 +266,8 @@ class Plan:
 
 
 def measured_plan(model: Llama, train_args: dict[str, Any]) -> Plan:
-    """The plan ``nongns_dist.attach`` builds for the run: its optimizer (train.py's own
-    build_optimizer) and --norm through the library's module_plan_entries."""
+    """The plan ``nongns_dist.attach`` builds for the run: its optimizer (train.py's own,
+    launch/runtimes.py's build_optimizer) and --norm through the library's module_plan_entries."""
     optimizer = build_optimizer(argparse.Namespace(**train_args), model)
     entries = module_plan_entries(model, train_args["norm"], optimizer)
     if any(kind == "l2" for _, _, kind in entries):
