@@ -14,42 +14,29 @@ from typing import Any
 from tqdm import tqdm
 
 from launch import checkpoints
-from nongns_dist import GNSEstimate
-from nongns_dist.engines.core import StepCore
+from nongns_dist import StepEvents
 
 
 def finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no inf/nan
 
 
-def step_record(
-    monitor: StepCore,
-    seq_len: int,
-    batch_size: int,
-    accumulation: int,
-    lr: float,
-    lr_multiplier: float,
-    train_loss: float,
-    before: GNSEstimate | None,
-) -> dict[str, Any]:
-    """The metrics.jsonl record of the optimizer step ``monitor`` just closed, which ran with
-    ``batch_size``, ``accumulation``, ``lr`` and ``lr_multiplier`` (the values before the
-    controller's decision). The noise-scale fields only when the step measured: its estimate is
-    not ``before``, the one before the step; val_loss is the caller's."""
+def step_record(events: StepEvents, seq_len: int, lr: float, train_loss: float) -> dict[str, Any]:
+    """The metrics.jsonl record of the optimizer step the monitor just closed, from the
+    ``StepEvents`` it emitted (what the step ran with; its estimate when it measured) and what
+    the loop adds: the ``lr`` it ran with and its ``train_loss``. val_loss is the caller's."""
     record: dict[str, Any] = {
-        "step": monitor.step,
-        "samples": monitor.samples,
-        "tokens": monitor.samples * seq_len,
-        "batch_size": batch_size,
-        "accumulation": accumulation,
+        "step": events.step,
+        "samples": events.samples,
+        "tokens": events.samples * seq_len,
+        "batch_size": events.batch_size,
+        "accumulation": events.accumulation_steps,
         "lr": lr,
-        "lr_multiplier": lr_multiplier,
+        "lr_multiplier": events.lr_multiplier,
         "train_loss": train_loss,
     }
-    estimate: GNSEstimate | None = monitor.last_estimate
-    decision = monitor.last_decision
-    assert decision is not None  # set by the step that closed
-    if estimate is not None and estimate is not before:  # this step measured
+    estimate = events.estimate
+    if events.measured and estimate is not None:
         # raw: this measurement alone; pooled: the noise the controller acts on
         pooled = estimate.pooled
         record |= {
@@ -58,7 +45,7 @@ def step_record(
             "signal": finite_or_none(estimate.signal),
             "gns_pooled": None if pooled is None else finite_or_none(pooled.gns),
             "noise_pooled": None if pooled is None else finite_or_none(pooled.noise),
-            "target_batch_size": decision.target_batch_size,
+            "target_batch_size": events.decision.target_batch_size,
         }
     return record
 

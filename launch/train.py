@@ -60,7 +60,7 @@ from launch.runtimes import (
     next_token_loss,
     training_device,
 )
-from nongns_dist import exit_cleanly, warmup_cosine
+from nongns_dist import StepEvents, exit_cleanly, warmup_cosine
 from nongns_dist.controller import ControllerReadout
 
 
@@ -111,29 +111,26 @@ def _train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> 
     )
     val_loss: float | None = None
     saved: Path | None = None
+    closed: list[StepEvents] = []  # what each step that closes says about itself
+    monitor.subscribe(closed.append)
     while monitor.samples < args.sample_budget:
         # What this step runs with; the controller may change them when the step closes.
-        step, batch_size = monitor.step, monitor.batch_size
-        accumulation, multiplier = monitor.accumulation_steps, monitor.controller.lr_multiplier
+        step, batch_size, accumulation = (
+            monitor.step,
+            monitor.batch_size,
+            monitor.accumulation_steps,
+        )
         log.batch(step, batch_size)
         schedule = set_lr(optimizer, peak_lrs, monitor.samples, args)
         micro_batches = step_batches(corpus, args, rank, step, accumulation, runtime.device)
-        before = monitor.last_estimate
         loss_sum = runtime.train_step(micro_batches)
-        decision = monitor.last_decision
-        assert decision is not None and monitor.step == step + 1  # set by the step that closed
+        events = closed.pop()
+        assert not closed and events.step == step + 1  # exactly this step closed
+        decision = events.decision
         train_loss, stopping = global_mean_and_any(loss_sum / accumulation, stop.requested)
 
-        record = step_record(
-            monitor,
-            args.seq_len,
-            batch_size=batch_size,
-            accumulation=accumulation,
-            lr=peak_lrs[0] * schedule * multiplier,
-            lr_multiplier=multiplier,
-            train_loss=train_loss,
-            before=before,
-        )
+        lr = peak_lrs[0] * schedule * events.lr_multiplier
+        record = step_record(events, args.seq_len, lr=lr, train_loss=train_loss)
         done = monitor.samples >= args.sample_budget
         if done or due(monitor.step, args.eval_every):
             val_loss = evaluate(runtime.eval_model, val_windows, args.micro_batch, runtime.autocast)
