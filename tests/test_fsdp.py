@@ -1,6 +1,7 @@
-"""FSDP2 (``fully_shard``, HSDP) and FSDP1 capture against the reference estimator, on real gloo
-process groups: the estimate equals ``estimate_gns`` on the gathered per-rank local gradients,
-and training is bit-identical to the same wrapping without the library."""
+"""FSDP2 (``fully_shard``, HSDP, composable ``replicate``) and FSDP1 capture against the reference
+estimator, on real gloo process groups: the estimate equals ``estimate_gns`` on the gathered
+per-rank local gradients, and training is bit-identical to the same wrapping without the
+library."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
     FullyShardedDataParallel,
@@ -42,6 +44,10 @@ def _wrap(module: nn.Module, options: dict) -> nn.Module:
             auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
             device_id=torch.device("cpu"),
         )
+    if engine == "replicate":  # torch's composable DDP (torchtitan's, the companion code's)
+        for child in (module.conv, module.up, module.down) if options.get("per_layer") else ():
+            replicate(child)
+        return replicate(module)
     kwargs: dict = {}
     if "mesh" in options:
         kwargs["mesh"] = init_device_mesh("cpu", options["mesh"], mesh_dim_names=("rep", "shard"))
@@ -181,6 +187,18 @@ def test_fsdp2_options_estimate_equals_reference(options):
     _check_equal(spawn(_equality_worker, 2, "auto", acc, options))
 
 
+@pytest.mark.parametrize("norm", ["l1", "l2", "nuclear", "auto"])
+@pytest.mark.parametrize("acc", [1, 3])
+def test_replicate_estimate_equals_reference(norm, acc):
+    _check_equal(spawn(_equality_worker, 2, norm, acc, {"engine": "replicate"}))
+
+
+def test_replicate_per_layer_measures_and_trains_like_plain():
+    options = {"engine": "replicate", "per_layer": True}
+    _check_equal(spawn(_equality_worker, 2, "auto", 2, options))
+    assert spawn(_bit_identity_worker, 2, "nuclear", 1, options) == [4, 4]
+
+
 def test_fsdp2_and_fsdp1_on_four_ranks():
     _check_equal(spawn(_equality_worker, 4, "auto", 2, {}))
     options = {"engine": "fsdp1", "strategy": "FULL_SHARD", "orig_params": True}
@@ -259,7 +277,7 @@ def _schedule_worker(rank, world_size, options):
     return trace
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1", "replicate"])
 def test_batch_grows_and_micro_steps_follow(engine):
     results = spawn(_schedule_worker, 2, {"engine": engine})
     assert results[0] == results[1]
