@@ -184,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     gns.add_argument("--initial-batch", type=int, default=8, help="global batch at the start")
     gns.add_argument("--max-batch", type=int, default=64, help="cap on the global batch; 0: none")
     gns.add_argument(
+        "--batch-schedule",
+        default=None,
+        metavar="JSON",
+        help="replay a learned schedule instead of deciding one: a file holding "
+        '{"batch_schedule": [[samples, batch], ...]} (python -m nongns_dist.schedule '
+        "METRICS --format nongns); the first batch is the initial batch, measurements are "
+        "only logged",
+    )
+    gns.add_argument(
         "--warmup-fraction",
         type=float,
         default=0.15,
@@ -269,6 +278,21 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.grad_clip < 0:
         parser.error(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
+    if args.batch_schedule is not None:
+        try:
+            # lists, as trainer.json keeps them (a resume compares the flags)
+            args.batch_schedule = [list(p) for p in read_batch_schedule(args.batch_schedule)]
+        except (OSError, ValueError) as exc:
+            parser.error(f"--batch-schedule: {exc}")
+        if args.batch_mode != "adaptive":
+            parser.error("--batch-schedule moves the batch; --batch-mode constant keeps it")
+        first = args.batch_schedule[0][1]
+        if "initial_batch" in given_flags(argv) and args.initial_batch != first:
+            parser.error(
+                f"--initial-batch {args.initial_batch} differs from the first batch of "
+                f"--batch-schedule ({first}): drop --initial-batch"
+            )
+        args.initial_batch = first
     if args.sample_budget < args.initial_batch:
         parser.error(f"--sample-budget {args.sample_budget} < --initial-batch {args.initial_batch}")
     if not 0.0 <= args.warmup_fraction < 1.0:
@@ -382,6 +406,20 @@ def idle_flags(args: argparse.Namespace, given: set[str]) -> list[str]:
 PAPER_THETA = 0.6
 
 
+def read_batch_schedule(path: str) -> tuple[tuple[int, int], ...]:
+    """The schedule in a JSON file written by ``python -m nongns_dist.schedule --format
+    nongns`` (a ``{"batch_schedule": ...}`` object, or the list alone), checked as
+    ``GNSConfig`` checks it."""
+    with open(path) as file:
+        value = json.load(file)
+    if isinstance(value, dict):
+        value = value.get("batch_schedule")
+    schedule = GNSConfig.from_dict({"batch_schedule": value}).batch_schedule
+    if schedule is None:
+        raise ValueError(f"{path} holds no batch_schedule")
+    return schedule
+
+
 def gns_config(args: argparse.Namespace) -> GNSConfig:
     paper = args.estimator == "paper"
     return GNSConfig(
@@ -391,7 +429,9 @@ def gns_config(args: argparse.Namespace) -> GNSConfig:
         interval=args.interval,
         warmup_samples=int(args.warmup_fraction * args.sample_budget),
         # on a resume, the checkpoint's batch: loading its state restores the run's own B0
-        initial_batch_size=args.start_batch,
+        # (a replayed schedule names its own first batch; a resume restores the batch)
+        initial_batch_size=None if args.batch_schedule else args.start_batch,
+        batch_schedule=args.batch_schedule,
         max_batch_size=args.max_batch or None,
         lr_scaling=args.lr_scaling,
         pool_moments=not paper,

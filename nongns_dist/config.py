@@ -8,12 +8,13 @@ theta); every failure is a ``ValueError`` that names the field, the value and wh
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from nongns_dist.norms import SqrtTraceMethod
@@ -29,6 +30,20 @@ Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 #: Counts of samples and steps: exact in the float64 tensors that carry them between ranks.
 MAX_COUNT = 2**53
 PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
+def _as_tuples(value: object) -> object:
+    """JSON gives lists: ``[[0, 64], [12800, 128]]`` reads as tuples (anything else is left to
+    the type check)."""
+    if isinstance(value, list):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return value
+
+
+#: ``((samples, global batch), ...)``: from the step at which ``samples`` samples have been
+#: consumed, the batch is ``global batch``.
+BatchSchedule = Annotated[tuple[tuple[Count, PositiveInt], ...], BeforeValidator(_as_tuples)]
 
 
 @dataclass(
@@ -123,6 +138,14 @@ class GNSConfig:
     max_batch_size: PositiveInt | None = None
     #: Learning-rate multiplier as the batch grows from B0 to B: sqrt(B/B0), B/B0 or 1.
     lr_scaling: LRScaling = "sqrt"
+    #: Replay a schedule instead of deciding one: ``[[samples, batch], ...]``, the first at 0
+    #: samples, thresholds increasing (``nongns_dist.schedule`` exports it from a run's
+    #: metrics.jsonl). The batch of a step is the last entry whose threshold the samples
+    #: consumed before it reach, made feasible as on an elastic resume (the smallest multiple
+    #: of micro x ranks at or above it, capped by ``max_batch_size``); the first entry is the
+    #: initial batch. Measurements still run (every ``interval``) and are logged; they never
+    #: move the batch. ``None``: the batch follows the noise scale.
+    batch_schedule: BatchSchedule | None = None
 
     # -- safety --------------------------------------------------------------------------------
     #: All-gather each decision and raise if ranks disagree (costs one tiny collective).
@@ -140,6 +163,28 @@ class GNSConfig:
                 f"initial_batch_size={self.initial_batch_size}; allowed: max_batch_size >= "
                 "initial_batch_size"
             )
+        schedule = self.batch_schedule
+        if schedule is not None:
+            thresholds = [samples for samples, _ in schedule]
+            if not thresholds or thresholds[0] != 0:
+                raise ValueError(
+                    f"batch_schedule={list(schedule)} must start at 0 samples; allowed: "
+                    "[[0, first batch], [samples, batch], ...]"
+                )
+            if any(b <= a for a, b in itertools.pairwise(thresholds)):
+                raise ValueError(f"batch_schedule thresholds {thresholds} must increase strictly")
+            first = schedule[0][1]
+            if self.initial_batch_size is not None and self.initial_batch_size != first:
+                raise ValueError(
+                    f"initial_batch_size={self.initial_batch_size} differs from the first batch "
+                    f"of batch_schedule ({first}); allowed: leave initial_batch_size unset, or "
+                    "equal to it"
+                )
+            if not self.adapt_batch_size:
+                raise ValueError(
+                    "batch_schedule with adapt_batch_size=False: the schedule moves the batch, "
+                    "adapt_batch_size=False keeps it; allowed: one of the two"
+                )
         return self
 
     @classmethod

@@ -167,7 +167,15 @@ class BatchSizeController:
             accumulation_steps = check_count("accumulation_steps", accumulation_steps)
         self.config = config
         self.unit = micro_batch_size * world_size
-        if config.initial_batch_size is not None:
+        schedule = config.batch_schedule
+        if schedule is not None and config.initial_batch_size is None:
+            initial = self._scheduled_batch(schedule[0][1], config.max_batch_size)
+            if accumulation_steps is not None and accumulation_steps * self.unit != initial:
+                raise ValueError(
+                    f"accumulation_steps={accumulation_steps} gives batch "
+                    f"{accumulation_steps * self.unit}, but batch_schedule starts at {initial}"
+                )
+        elif config.initial_batch_size is not None:
             if config.initial_batch_size % self.unit:
                 raise ValueError(
                     f"initial_batch_size={config.initial_batch_size} is not a multiple of "
@@ -242,7 +250,11 @@ class BatchSizeController:
             else:
                 self.skipped += 1
         changed = False
-        if (
+        if self.config.batch_schedule is not None:
+            new = self._scheduled_batch(self.scheduled(self.samples), self.config.max_batch_size)
+            changed = new != self.batch_size
+            self.batch_size = new
+        elif (
             target is not None
             and self.config.adapt_batch_size
             and self.samples >= self.config.warmup_samples
@@ -256,6 +268,16 @@ class BatchSizeController:
         return BatchDecision(
             self.batch_size, self.accumulation_steps, self.lr_multiplier, changed, target
         )
+
+    def scheduled(self, samples: int) -> int:
+        """The batch ``config.batch_schedule`` gives a step that starts after ``samples``
+        samples (as written: ``update`` makes it feasible)."""
+        schedule = self.config.batch_schedule
+        assert schedule is not None
+        return next(batch for threshold, batch in reversed(schedule) if threshold <= samples)
+
+    def _scheduled_batch(self, batch: int, maximum: int | None) -> int:
+        return resume_batch_size(batch, unit=self.unit, maximum=maximum)
 
     def _target(self) -> float:
         ema = self.ema()

@@ -43,6 +43,9 @@ BAD_VALUES = [
     ("max_batch_size", -8),
     ("lr_scaling", "cube"),
     ("check_consistency", "no"),
+    ("batch_schedule", [[8, 64]]),  # does not start at 0
+    ("batch_schedule", [[0, 64], [0, 128]]),  # thresholds do not increase
+    ("batch_schedule", "0:64"),
 ]
 
 
@@ -150,7 +153,7 @@ def test_check_resume_refuses_estimator_defining_fields_and_allows_the_rest():
         "enabled": False, "adapt_batch_size": False, "interval": 7, "theta": 1.2,
         "warmup_samples": 9, "initial_batch_size": 16, "max_batch_size": None,
         "lr_scaling": "linear", "sqrt_trace_method": "newton_schulz", "sqrt_trace_tol": 0.01,
-        "layer_breakdown": True, "check_consistency": True,
+        "layer_breakdown": True, "check_consistency": True, "batch_schedule": ((0, 8), (64, 16)),
     }  # fmt: skip
     assert set(allowed) | set(changed) == GNSConfig.field_names()
     cfg.check_resume({**cfg.to_dict(), **allowed})

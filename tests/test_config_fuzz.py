@@ -3,6 +3,7 @@ valid config that keeps it, or is a ValueError that names the field; nothing els
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -22,6 +23,7 @@ VALUES = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from(["l1", "l2", "nuclear", "auto", "eigh", "newton_schulz", "sqrt", "0.6", ""]),
     st.lists(st.integers(), max_size=2),
+    st.lists(st.tuples(st.integers(-1, 50), st.integers(-1, 50)).map(list), max_size=3),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 FIELDS = sorted(GNSConfig.field_names())
@@ -56,6 +58,20 @@ def _valid(field: str, value: Any) -> bool:
         return is_int and 0 < value <= MAX_COUNT
     if field in ("initial_batch_size", "max_batch_size"):
         return value is None or (is_int and 0 < value <= MAX_COUNT)
+    if field == "batch_schedule":  # [[0, batch], [samples, batch], ...], samples increasing
+        if value is None:
+            return True
+        pairs = isinstance(value, list) and all(
+            isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p) for p in value
+        )
+        if not pairs or not value:
+            return False
+        thresholds = [p[0] for p in value]
+        return (
+            thresholds[0] == 0
+            and all(b > a for a, b in itertools.pairwise(thresholds))
+            and all(0 < p[1] <= MAX_COUNT and p[0] <= MAX_COUNT for p in value)
+        )
     raise AssertionError(f"no rule for {field}")
 
 
@@ -69,6 +85,8 @@ def test_from_dict_keeps_valid_values_and_names_the_field_of_bad_ones(field, val
         assert field in str(error)
     else:
         assert _valid(field, value), f"{field}={value!r} accepted"
+        if field == "batch_schedule" and value is not None:  # JSON's lists read as tuples
+            value = tuple(tuple(pair) for pair in value)
         assert getattr(config, field) == value
 
 

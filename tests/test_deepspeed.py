@@ -280,3 +280,21 @@ def test_deepspeed_muon_auto_geometry_and_monitor_events():
     names = ("gns_raw", "noise_raw", "signal", "gns_pooled", "noise_pooled")
     assert {f"Train/nongns/{name}" for name in names} <= set(events)
     assert {"Train/nongns/global_batch", "Train/nongns/lr_multiplier"} <= set(events)
+
+
+def _replay(rank, world):
+    unit = MICRO * world
+    schedule = [[0, unit], [2 * unit, 3 * unit]]  # 1 micro-step, then 3 from 2 units of samples
+    engine = _engine(_config(2, acc=2, adapt_batch_size=True, batch_schedule=schedule))
+    seen = []
+    for _ in range(4):  # the loop reads the count the plugin decided, step by step
+        seen += _train(engine, rank, [engine.nongns.accumulation_steps])
+    return seen, engine.gradient_accumulation_steps(), engine.nongns.samples
+
+
+def test_the_plugin_replays_a_batch_schedule_from_the_json():
+    """ZeRO-2, the schedule in the "nongns" section: the engine's own count (2) gives way to
+    the schedule's first batch, and each optimizer step runs exactly the scheduled micro-steps."""
+    seen, engine_acc, samples = spawn(_replay, 2)[0]
+    assert seen == [(1, 1), (1, 1), (3, 1), (3, 1)]
+    assert engine_acc == 3 and samples == (1 + 1 + 3 + 3) * MICRO * 2

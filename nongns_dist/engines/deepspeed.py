@@ -54,7 +54,10 @@ class DeepSpeedGNSPlugin(StepCore):
             config,
             capture,
             micro_batch_size=int(engine.train_micro_batch_size_per_gpu()),
-            accumulation_steps=None if config.initial_batch_size else engine_acc,
+            # the config names the first batch (its own, or its schedule's), else the engine's
+            accumulation_steps=(
+                None if config.initial_batch_size or config.batch_schedule else engine_acc
+            ),
             norm_optimizer=None,  # the capture reads DeepSpeed's own optimizer
             lr_optimizer=basic_optimizer(engine),
             on_events=self._write_events,
