@@ -30,11 +30,17 @@ monitor state (controller, config, its pooled moments) is written by ``accelerat
 beside accelerate's files (``nongns_rank<r>.pt``) and read back by ``load_state``, through the
 save/load pre-hooks, which run on every rank.
 
+Under DeepSpeed the monitor is the DeepSpeed plugin on the prepared engine, its config the
+argument or else the ``"nongns"`` section of the DeepSpeed config accelerate holds
+(``accelerator.state.deepspeed_plugin.deepspeed_config``). accelerate marks the boundary and
+calls ``engine.step()`` once per window; the plugin counts micro-steps where backward happens,
+so it follows. Its state goes through DeepSpeed's own checkpoint (``save_state`` /
+``load_state`` call ``engine.save_checkpoint`` / ``load_checkpoint``, which the plugin extends).
+
 Refused, with a ``ValueError`` naming the setting: ``sync_with_dataloader=True`` (accelerate's
 default: at the end of the data loader it closes a window early, so that step would have fewer
-micro-steps than its batch; pass ``sync_with_dataloader=False``), ``sync_each_batch=True``
-(every micro-step reduces: no per-rank sample exists) and, for now, DeepSpeed under accelerate
-(start DeepSpeed with ``nongns_dist.deepspeed.initialize`` in your own loop instead).
+micro-steps than its batch; pass ``sync_with_dataloader=False``) and ``sync_each_batch=True``
+(every micro-step reduces: no per-rank sample exists).
 """
 
 from __future__ import annotations
@@ -48,8 +54,7 @@ import torch
 import torch.distributed as dist
 
 from nongns_dist.config import GNSConfig, as_config, check_count
-from nongns_dist.engines.core import StepEvents
-from nongns_dist.engines.torch_native import GNSMonitor
+from nongns_dist.engines.core import StepCore, StepEvents
 from nongns_dist.engines.torch_native import attach as attach_model
 
 __all__ = ["attach"]
@@ -64,31 +69,38 @@ def attach(
     config: GNSConfig | Mapping[str, Any] | None = None,
     *,
     micro_batch_size: int,
-) -> GNSMonitor:
+) -> StepCore:
     """Measure the noise scale of ``model`` (as ``accelerator.prepare`` returned it) and adapt
-    the accumulation count of ``accelerator``; returns the monitor (``GNSMonitor``).
+    the accumulation count of ``accelerator``; returns the monitor (a ``GNSMonitor``, or under
+    DeepSpeed the engine's plugin, ``engine.nongns``).
 
     ``optimizer``: the prepared one (accelerate's wrapper) or the one inside it. ``config``: a
-    ``GNSConfig`` or a mapping of its fields; ``None`` is refused (there is no config file to
-    read outside DeepSpeed). ``micro_batch_size``: examples per rank per micro-step (the data
-    loader's batch size). The current ``accelerator.gradient_accumulation_steps`` is the first
-    count unless the config names the first batch (``initial_batch_size``, ``batch_schedule``).
+    ``GNSConfig`` or a mapping of its fields; ``None`` reads the DeepSpeed config's
+    ``"nongns"`` section (refused without DeepSpeed, or without the section).
+    ``micro_batch_size``: examples per rank per micro-step (the data loader's batch size). The
+    current ``accelerator.gradient_accumulation_steps`` is the first count unless the config
+    names the first batch (``initial_batch_size``, ``batch_schedule``).
     """
     from accelerate.utils import DistributedType
 
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if config is None and deepspeed:
+        from nongns_dist.deepspeed import read_section
+
+        config = read_section(accelerator.state.deepspeed_plugin.deepspeed_config)
+        if config is None:
+            raise ValueError(
+                "nongns_dist.accelerate.attach(config=None) reads the DeepSpeed config's "
+                "'nongns' section, and it has none; allowed: a config argument, or the section"
+            )
     if config is None:
         raise ValueError(
             "nongns_dist.accelerate.attach needs a config (a GNSConfig or a mapping of its "
-            "fields, e.g. {'norm': 'auto'})"
+            "fields, e.g. {'norm': 'auto'}); only under DeepSpeed is it read from the DeepSpeed "
+            "config's 'nongns' section"
         )
     config = as_config(config, where="nongns_dist.accelerate.attach()")
     micro_batch_size = check_count("micro_batch_size", micro_batch_size)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ValueError(
-            "DeepSpeed under accelerate is not supported yet: accelerate drives the engine's "
-            "boundary itself; start DeepSpeed with nongns_dist.deepspeed.initialize in your own "
-            "loop, or use DDP or FSDP2 under accelerate"
-        )
     plugin = accelerator.gradient_state.plugin_kwargs
     if plugin.get("sync_with_dataloader", True):
         raise ValueError(
@@ -103,6 +115,8 @@ def attach(
             "sync_each_batch=True reduces the gradient of every micro-step, so no rank keeps a "
             "per-rank sample of the window; allowed: sync_each_batch=False"
         )
+    if deepspeed:
+        return _attach_deepspeed(accelerator, model, config, micro_batch_size)
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     named_first = config.initial_batch_size is not None or config.batch_schedule is not None
     scaler = accelerator.scaler
@@ -118,25 +132,55 @@ def attach(
     return monitor
 
 
+def _attach_deepspeed(
+    accelerator: Any, engine: Any, config: GNSConfig, micro_batch_size: int
+) -> StepCore:
+    from nongns_dist.engines.deepspeed import DeepSpeedGNSPlugin
+
+    if not any(cls.__name__ == "DeepSpeedEngine" for cls in type(engine).__mro__):
+        raise TypeError(f"under DeepSpeed, pass the prepared engine; got {type(engine).__name__}")
+    if getattr(engine, "nongns", None) is not None:
+        raise RuntimeError("this DeepSpeed engine already has a plugin (engine.nongns)")
+    engine_micro = int(engine.train_micro_batch_size_per_gpu())
+    if engine_micro != micro_batch_size:
+        raise ValueError(
+            f"micro_batch_size={micro_batch_size}, but the DeepSpeed engine's "
+            f"train_micro_batch_size_per_gpu is {engine_micro}; allowed: the same number"
+        )
+    plugin = DeepSpeedGNSPlugin(engine, config)
+    engine.nongns = plugin
+    driver = _Driver(accelerator, plugin, checkpoints=False)  # DeepSpeed's checkpoint has it
+    load = engine.load_checkpoint
+
+    def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        result = load(*args, **kwargs)
+        driver.follow()  # the restored count, from the window that starts now
+        return result
+
+    engine.load_checkpoint = load_checkpoint
+    return plugin
+
+
 class _Driver:
     """Keeps accelerate's accumulation window equal to the monitor's count, and the monitor's
     state in accelerate's checkpoints."""
 
-    def __init__(self, accelerator: Any, monitor: GNSMonitor) -> None:
+    def __init__(self, accelerator: Any, monitor: StepCore, *, checkpoints: bool = True) -> None:
         self.accelerator = accelerator
         self.monitor = monitor
         monitor.subscribe(self._closed)
-        self._follow()
-        accelerator.register_save_state_pre_hook(self._save)
-        accelerator.register_load_state_pre_hook(self._load)
+        self.follow()
+        if checkpoints:
+            accelerator.register_save_state_pre_hook(self._save)
+            accelerator.register_load_state_pre_hook(self._load)
 
-    def _follow(self) -> None:
+    def follow(self) -> None:
         """The monitor's count for the next window, which starts now (a boundary)."""
         self.accelerator.gradient_accumulation_steps = self.monitor.accumulation_steps
         self.accelerator.step = 0
 
     def _closed(self, events: StepEvents) -> None:
-        self._follow()
+        self.follow()
 
     def _file(self, directory: str) -> str:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -157,4 +201,4 @@ class _Driver:
             return
         # weights_only: a file a user downloads cannot run code when it is opened
         self.monitor.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
-        self._follow()
+        self.follow()

@@ -40,9 +40,13 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Norm:
-    """A norm the noise scale is measured in (the dual of an optimizer's geometry)."""
+    """A norm the noise scale is measured in (the dual of an optimizer's geometry).
+
+    It equals its name (``NUCLEAR == "nuclear"``) and hashes as it, so code that compared the
+    names the library used before the registry keeps its meaning instead of silently reading
+    False."""
 
     #: What configs and estimates call it.
     name: str
@@ -78,6 +82,16 @@ class Norm:
 
     def __str__(self) -> str:
         return self.name
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Norm):
+            return self.name == other.name
+        if isinstance(other, str):
+            return self.name == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
 
 L1 = Norm("l1", geometry="sign", matrix=False, squared=True)

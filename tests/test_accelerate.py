@@ -194,3 +194,114 @@ def test_what_accelerate_cannot_do_with_a_changing_count_is_refused():
     assert "sync_with_dataloader=False" in messages[0]
     assert "sync_each_batch=False" in messages[1]
     assert "needs a config" in messages[2]
+
+
+# -- DeepSpeed under accelerate (ZeRO-2: per-micro-step samples) ----------------------------------
+
+
+def _ds_prepared(section: dict, acc: int = 1):
+    """accelerate's DeepSpeed on CPU: an engine and the data the loops below feed it."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin
+
+    from .test_deepspeed import MICRO as DS_MICRO
+    from .test_deepspeed import _model
+
+    config = {
+        "train_micro_batch_size_per_gpu": DS_MICRO,
+        "gradient_accumulation_steps": acc,
+        "zero_optimization": {"stage": 2},
+        "nongns": section,
+    }
+    accelerator = Accelerator(
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=acc, sync_with_dataloader=False
+        ),
+    )
+    module = _model()
+    reference = copy.deepcopy(module)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-2)
+    engine, optimizer = accelerator.prepare(module, optimizer)
+    return accelerator, engine, optimizer, reference, DS_MICRO
+
+
+def _ds_window(accelerator, engine, optimizer, rank, step, count):
+    from .test_deepspeed import _batch as ds_batch
+
+    before = engine.global_steps
+    for micro in range(count):
+        with accelerator.accumulate(engine):
+            x, y = ds_batch(rank, step, micro)
+            accelerator.backward(((engine(x) - y) ** 2).mean())
+            optimizer.step()
+            optimizer.zero_grad()
+    return engine.global_steps - before
+
+
+def _ds_worker(rank, world, checkpoint, resume):
+    from nongns_dist.accelerate import attach
+
+    from .test_deepspeed import _batch as ds_batch
+
+    section = {"norm": "l1", "interval": 1, "theta": 0.05, "max_batch_size": 8 * world}
+    accelerator, engine, optimizer, reference, micro = _ds_prepared(section)
+    monitor = attach(accelerator, engine, optimizer, micro_batch_size=micro)  # config: the JSON's
+    assert engine.nongns is monitor and monitor.config.theta == 0.05
+    norms = {t.name: t.norm.name for t in monitor.plan.params}
+    pool, bound = MomentPool.for_config(monitor.config), Float32Bound(monitor.config.pool_dof)
+    first = 0
+    if resume:
+        accelerator.load_state(checkpoint)
+        first = 3
+    trace, errors = [], []
+    for step in range(first, 6):
+        count = monitor.accumulation_steps
+        if not resume and count == 1:  # the reference of a one-micro-step window: 2 ranks
+            reference.load_state_dict(engine.module.state_dict())
+            reference.zero_grad()
+            x, y = ds_batch(rank, step, 0)
+            ((reference(x) - y) ** 2).mean().backward()
+            local = {n: p.grad.double() for n, p in reference.named_parameters() if n in norms}
+            gathered = [None] * world
+            dist.all_gather_object(gathered, local)
+        steps = _ds_window(accelerator, engine, optimizer, rank, step, count)
+        if not resume and count == 1:
+            want = estimate_gns(gathered, micro, norms, pool=pool)
+            tol = bound.step(gathered, micro, norms, pool)
+            got = monitor.last_estimate
+            errors.append((got.noise / want.noise - 1, tol.noise, got.signal / want.signal - 1,
+                           tol.signal))  # fmt: skip
+        trace.append((count, steps, accelerator.gradient_accumulation_steps, monitor.samples))
+        if step == 2 and not resume:
+            accelerator.save_state(checkpoint)
+    mine = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    identical = all(torch.equal(mine, other) for other in everyone)
+    return trace, errors, identical, monitor.controller.state_dict(), mine
+
+
+def test_deepspeed_under_accelerate_follows_its_boundary_and_resumes(deepspeed_ops, tmp_path):
+    """ZeRO-2 started by accelerate, the config from the DeepSpeed JSON's "nongns" section:
+    accelerate marks the boundary and steps once per window; every window runs exactly the
+    decided micro-steps, the estimates of the one-micro-step windows equal estimate_gns on the
+    gathered local gradients, the batch grows, replicas stay identical, and load_state (through
+    DeepSpeed's checkpoint) continues exactly."""
+    checkpoint = str(tmp_path / "checkpoint")
+    trace, errors, identical, state, params = spawn(_ds_worker, 2, checkpoint, False)[0]
+    assert identical
+    assert all(steps == 1 for _, steps, _, _ in trace), f"one optimizer step per window: {trace}"
+    assert [count for _, _, count, _ in trace[:-1]] == [count for count, *_ in trace[1:]]
+    assert trace[-1][0] > trace[0][0] == 1, f"the batch did not grow: {trace}"
+    assert errors and all(abs(en) <= tn and abs(es) <= ts for en, tn, es, ts in errors), errors
+    samples = 0
+    for count, _, _, seen in trace:
+        samples += count * 2 * 2  # micro 2 x 2 ranks per micro-step
+        assert seen == samples
+    trace2, _, identical2, state2, params2 = spawn(_ds_worker, 2, checkpoint, True)[0]
+    assert identical2 and trace2 == trace[3:] and state2 == state
+    assert torch.equal(params, params2), "the resumed run does not continue exactly"

@@ -298,3 +298,41 @@ def test_the_plugin_replays_a_batch_schedule_from_the_json():
     seen, engine_acc, samples = spawn(_replay, 2)[0]
     assert seen == [(1, 1), (1, 1), (3, 1), (3, 1)]
     assert engine_acc == 3 and samples == (1 + 1 + 3 + 3) * MICRO * 2
+
+
+def _driven(rank, world, stage):
+    """The same windows run by DeepSpeed's own loop (backward and step per micro-step) and by a
+    driver as accelerate or the Trainer drive it (step once per window; here the loss divided
+    by the driver, with scale_wrt_gas=False)."""
+    out = []
+    for driver in (False, True):
+        engine = _engine(_config(stage, acc=2))
+        for step in range(3):
+            for micro in range(2):
+                x, y = _batch(rank, step, micro)
+                loss = ((engine(x) - y) ** 2).mean()
+                if driver:
+                    engine.backward(loss / 2, scale_wrt_gas=False)
+                else:
+                    engine.backward(loss)
+                    engine.step()
+            if driver:
+                engine.step()
+        estimate = engine.nongns.last_estimate
+        out.append((engine.global_steps, engine.nongns.samples, estimate.noise, estimate.signal,
+                    _full_state(engine)))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_driver_that_steps_once_per_window_and_divides_the_loss_itself(stage):
+    (own, driven) = spawn(_driven, 2, stage)[0]
+    assert own[:2] == driven[:2] == (3, 3 * 2 * MICRO * 2)
+    # the same gradients up to the rounding of where the loss is divided (float32; a few ulps
+    # of each micro-step's gradient, 1e-5 relative is ~100 of them)
+    assert driven[2] == pytest.approx(own[2], rel=1e-5) and driven[3] == pytest.approx(
+        own[3], rel=1e-5
+    )
+    assert all(
+        torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(own[4], driven[4], strict=True)
+    )

@@ -78,3 +78,10 @@ def test_newton_schulz_degenerate_inputs():
         sqrt_trace(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="method"):
         sqrt_trace(torch.eye(2), "svd")  # type: ignore[arg-type]
+
+
+def test_a_registered_norm_equals_its_name():
+    from nongns_dist.norms import L1, NORMS, NUCLEAR
+
+    assert NUCLEAR == "nuclear" and L1 == "l1" and NUCLEAR != "l1" and NUCLEAR != L1
+    assert {NUCLEAR: 1}["nuclear"] == 1 and NORMS["l2"] == "l2"

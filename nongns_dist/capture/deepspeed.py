@@ -9,9 +9,14 @@ Hook points (DeepSpeed 0.16-0.19, DESIGN.md section 4):
 
 A per-rank sample is the gradient accumulated over the step (DeepSpeed divides each micro-step's
 loss by the accumulation count, so it is already a mean over micro x accumulation examples); a
-per-micro-step sample is multiplied back by the accumulation count. fp16 gradients carry the
-loss scale: the session divides it out (``loss_scale`` here is what the plugin gives it). The
-wrappers only read gradients: on steps that do not measure they call straight through.
+per-micro-step sample is multiplied back by the accumulation count. The convention is the
+optimizer's: the window's gradient is a mean, whoever divided the loss. A driver that calls
+``engine.backward(loss, scale_wrt_gas=False)`` divides it itself (accelerate, the Trainer), so
+the samples are read the same way; a loop that sums its micro-steps scales noise and signal by
+the same count squared, and the noise scale, their ratio, not at all.
+fp16 gradients carry the loss scale: the session divides it out (``loss_scale`` here is what
+the plugin gives it). The wrappers only read gradients: on steps that do not measure they call
+straight through.
 
 Failures: this rank's measurement math (reading a sample in, the statistics at the boundary) is
 ``guarded`` by the session; the rank then sends zeros in the boundary's collectives, and
@@ -184,8 +189,8 @@ class DeepSpeedCapture:
         session.guarded(lambda: accumulator.add(tracked, grad.float() * factor))
 
     def _undivide(self) -> int:
-        # DeepSpeed divides each micro-step's loss by the accumulation count of the step the
-        # session was armed for
+        # each micro-step's loss was divided by the accumulation count of the step the session
+        # was armed for (by DeepSpeed, or by the driver with scale_wrt_gas=False)
         return self.session.accumulation_steps if self.session is not None else 1
 
     def _measuring(self) -> bool:

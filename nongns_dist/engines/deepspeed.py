@@ -7,9 +7,14 @@
         engine.step()
 
 ``engine.set_train_batch_size`` alone gives wrong accumulation windows (its boundary is a global
-modulo counter, DESIGN.md section 4). So the plugin counts micro-steps itself, marks the boundary
-with ``set_gradient_accumulation_boundary`` before every backward, and changes the batch only at
-a boundary (``set_train_batch_size`` then keeps DeepSpeed's loss division and sample count right).
+modulo counter, DESIGN.md section 4). So the plugin counts micro-steps itself, where backward
+happens, marks the boundary with ``set_gradient_accumulation_boundary`` before every backward,
+and changes the batch only at a boundary (``set_train_batch_size`` then keeps DeepSpeed's loss
+division and sample count right). The window closes at the first ``engine.step()`` after its
+last backward: a loop that steps after every micro-step (DeepSpeed's own) and one that steps
+once per window (accelerate, the Trainer) are both followed. ``engine.backward(loss,
+scale_wrt_gas=False)`` (DeepSpeed does not divide the loss by the count: the driver did) is read
+per backward: the fp16 loss scale the backward applied is then the scale alone.
 
 fp16: statistics are divided by the loss scale the window's backward passes ran with, and a step
 whose update DeepSpeed skipped (overflow: ``engine.was_step_applied()`` is False) is closed as
@@ -49,7 +54,8 @@ class DeepSpeedGNSPlugin(StepCore):
         capture = DeepSpeedCapture(engine)
         engine_acc = int(engine.gradient_accumulation_steps())
         self._loss_grad: torch.Tensor | None = None  # d(what backward ran on) / d(user's loss)
-        self.micro_step = 0  # index of the next micro-step within the optimizer step
+        self.micro_step = 0  # backward passes run in the optimizer step so far
+        self._loss_divided = True  # whether DeepSpeed divided the last backward's loss
         super().__init__(
             config,
             capture,
@@ -78,18 +84,29 @@ class DeepSpeedGNSPlugin(StepCore):
         save, load = engine.save_checkpoint, engine.load_checkpoint
 
         def wrapped_backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            is_last = self.micro_step == self.controller.accumulation_steps - 1
-            engine.set_gradient_accumulation_boundary(is_last)
+            accumulation = self.controller.accumulation_steps
+            if self.micro_step >= accumulation:
+                raise RuntimeError(
+                    f"engine.backward after the {accumulation} micro-steps of this optimizer step "
+                    "without engine.step(): the window is full (the plugin decided "
+                    f"{accumulation} micro-steps; read engine.nongns.accumulation_steps)"
+                )
+            engine.set_gradient_accumulation_boundary(self.micro_step == accumulation - 1)
+            # scale_wrt_gas=False: DeepSpeed does not divide this loss by the count
+            self._loss_divided = bool(kwargs.get("scale_wrt_gas", True))
             if self.measuring and engine.fp16_enabled() and loss.requires_grad:
                 loss.register_hook(self._keep_loss_grad)
-            return backward(loss, *args, **kwargs)
+            result = backward(loss, *args, **kwargs)
+            self.micro_step += 1
+            return result
 
         def wrapped_step(*args: Any, **kwargs: Any) -> Any:
-            boundary = self.micro_step == self.controller.accumulation_steps - 1
-            if boundary:  # before the optimizer step: statistics of the raw, unclipped gradient
+            # the window's last backward has run: before the optimizer step, statistics of the
+            # raw, unclipped gradient
+            boundary = self.micro_step == self.controller.accumulation_steps
+            if boundary:
                 self.capture.flush()
             result = step(*args, **kwargs)
-            self.micro_step += 1
             if boundary:
                 self.micro_step = 0
                 # False after an fp16 overflow: DeepSpeed zeroed the gradients, kept the weights
@@ -151,12 +168,13 @@ class DeepSpeedGNSPlugin(StepCore):
         ``loss_scale`` is not always it: DeepSpeed 0.19.8 does not scale the loss at ZeRO stage
         0 (``engine.backward`` skips ``FP16_Optimizer``; deepspeedai/DeepSpeed#8393) while its
         optimizer reports 2^k. The gradient that reached the user's loss is scale / accumulation
-        count; it is rounded to the loss's dtype, so it only picks between the two exact
-        candidates (the optimizer's scale, or none)."""
+        count (scale alone after ``scale_wrt_gas=False``); it is rounded to the loss's dtype, so
+        it only picks between the two exact candidates (the optimizer's scale, or none)."""
         scale = loss_scale(self.engine)
         if self._loss_grad is None:
             return scale
-        applied = float(self._loss_grad) * self.engine.gradient_accumulation_steps()
+        divisor = self.engine.gradient_accumulation_steps() if self._loss_divided else 1
+        applied = float(self._loss_grad) * divisor
         return scale if abs(math.log(applied / scale)) < abs(math.log(applied)) else 1.0
 
     def _write_events(self, events: StepEvents) -> None:
