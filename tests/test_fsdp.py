@@ -57,8 +57,12 @@ def _wrap(module: nn.Module, options: dict) -> nn.Module:
         )
     if options.get("shard1"):  # the matrix `up` sharded along its input dim
         kwargs["shard_placement_fn"] = lambda p: Shard(1) if p.shape == (24, 16) else Shard(0)
-    for child in (module.conv, module.up, module.down):
-        fully_shard(child, **kwargs)
+    if options.get("grouped"):  # two modules, one FSDP group (as accelerate's [norm, lm_head])
+        fully_shard(module.conv, **kwargs)
+        fully_shard([module.up, module.down], **kwargs)
+    else:
+        for child in (module.conv, module.up, module.down):
+            fully_shard(child, **kwargs)
     fully_shard(module, **kwargs)
     if options.get("force_sum"):
         module.set_force_sum_reduction_for_comms(True)
@@ -197,6 +201,22 @@ def test_replicate_per_layer_measures_and_trains_like_plain():
     options = {"engine": "replicate", "per_layer": True}
     _check_equal(spawn(_equality_worker, 2, "auto", 2, options))
     assert spawn(_bit_identity_worker, 2, "nuclear", 1, options) == [4, 4]
+
+
+def _units_worker(rank, world_size):
+    model = _wrap(Net(), {"grouped": True})
+    opt = _optimizer("auto", model)
+    monitor = attach(model, GNSConfig(norm="auto"), opt, micro_batch_size=MICRO)
+    groups = [unit.param_group for unit in monitor.capture.units]
+    return len(groups), len({id(g) for g in groups})
+
+
+def test_fsdp2_one_group_over_two_modules_is_measured_once():
+    """fully_shard([up, down]): one parameter group that both modules report; the capture
+    hooks it once, and the estimate and the training are right."""
+    assert spawn(_units_worker, 2)[0] == (3, 3)  # conv, [up, down], the root's own
+    _check_equal(spawn(_equality_worker, 2, "auto", 2, {"grouped": True}))
+    assert spawn(_bit_identity_worker, 2, "nuclear", 1, {"grouped": True}) == [4, 4]
 
 
 def test_fsdp2_and_fsdp1_on_four_ranks():

@@ -159,6 +159,7 @@ class FSDP2Capture:
         self.sample_kind: SampleKind = "rank"
         self.session: MeasurementSession | None = None
         self.units: list[_Unit] = []
+        seen: set[int] = set()
         for module in model.modules():
             if not isinstance(module, FSDPModule):
                 continue
@@ -168,7 +169,10 @@ class FSDP2Capture:
                     f"{type(module).__name__} has {len(groups)} FSDP parameter groups (a "
                     "per-parameter mesh); FSDP2's reduce-scatter hooks take one"
                 )
-            if groups:
+            # fully_shard([a, b]) (accelerate's [final norm, lm_head]): both modules report
+            # the one group they share; it is hooked once
+            if groups and id(groups[0]) not in seen:
+                seen.add(id(groups[0]))
                 self.units.append(_Unit(module, groups[0]))
         if not self.units:
             raise ValueError("the fully_shard-ed model has no parameters to measure")
