@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from launch.benchmarks import synthetic_tracking as synthetic
 from nongns_dist import GNSConfig, estimate_gns
 from nongns_dist.estimators import (
     MomentPool,
@@ -349,74 +350,24 @@ def test_moment_pool_by_target_dof_settles_there_whatever_the_sample_count():
         MomentPool(0.9, target_dof=40)
 
 
-def _synthetic_measurements(n, measurements, seed=0, noise_scale=lambda j: 1.0):
-    """n samples of b=4 examples per measurement, per-example gradients with a KNOWN population:
-    a 16 x 48 matrix whose noise is rank one per example, u v^T with u ~ N(0, C) (C's spectrum
-    1/(1+i), what makes few samples read low), and 300 coordinates with sigma_i known."""
-    gen = torch.Generator().manual_seed(seed)
-    m, k, b = 16, 48, 4
-    eig = 1.0 / (1.0 + torch.arange(m, dtype=torch.float64))
-    basis, _ = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64, generator=gen))
-    root = basis @ torch.diag(eig.sqrt())
-    sigma = torch.rand(300, dtype=torch.float64, generator=gen) ** 3 + 0.01
-    mean_w = 0.3 * torch.randn(m, k, dtype=torch.float64, generator=gen)
-    mean_v = 0.1 * torch.randn(300, dtype=torch.float64, generator=gen)
-
-    def sample(scale):
-        u = root @ torch.randn(m, b, dtype=torch.float64, generator=gen)
-        v = torch.randn(b, k, dtype=torch.float64, generator=gen) / k**0.5
-        z = torch.randn(b, 300, dtype=torch.float64, generator=gen)
-        return {"w": mean_w + scale * u @ v / b, "v": mean_v + scale * (sigma * z).mean(0)}
-
-    population = {"nuclear": float(eig.sqrt().sum()) ** 2, "l1": float(sigma.sum()) ** 2}
-    # noise_scale(j): the noise's standard deviations at measurement j (its noise: squared)
-    return population, ([sample(noise_scale(j)) for _ in range(n)] for j in range(measurements))
-
-
-def _mean_readings(n, norm, pooled, measurements=240):
-    population, draws = _synthetic_measurements(n, measurements)
-    norms = {"w": "nuclear", "v": None} if norm == "nuclear" else {"w": None, "v": "l1"}
-    pool = MomentPool.for_config(GNSConfig()) if pooled else None
-    values = []
-    for samples in draws:
-        est = estimate_gns(samples, 4, norms, pool=pool, bias_correction=pooled)
-        values.append(est.pooled_noise if pooled else est.noise)
-    settled = values[measurements // 2 :]  # past the pool's memory (50 measurements at n = 2)
-    return sum(settled) / len(settled) / population[norm]
-
-
 @pytest.mark.parametrize("direction", [0.1, 10.0])
 @pytest.mark.parametrize("norm", ["nuclear", "l1"])
 def test_pooled_noise_follows_a_tenfold_change_within_twenty_measurements(norm, direction):
     """In a live run the noise moves (a fresh model's is ~40x the later level): 20
     measurements after the true noise changes 10x, the pooled noise reads the new level within
     20% (the level's EMA, 0.8^20 of the old level left). Pooling the moments themselves
-    (level_beta=None) still reads the old level then: ~50 measurements of memory at n = 2."""
-    change, after = 60, 20
-
-    def scale(j):
-        return 1.0 if j < change else direction**0.5
-
-    readings = {}
-    for label, config in (("shape", GNSConfig()), ("moments", GNSConfig(level_beta=None))):
-        values = []
-        for seed in range(4):
-            population, draws = _synthetic_measurements(
-                2, change + after + 1, seed=seed, noise_scale=scale
-            )
-            norms = {"w": "nuclear", "v": None} if norm == "nuclear" else {"w": None, "v": "l1"}
-            pool = MomentPool.for_config(config)
-            estimates = [estimate_gns(s, 4, norms, pool=pool) for s in draws]
-            values.append(estimates[-1].pooled_noise / (population[norm] * direction))
-        readings[label] = sum(values) / len(values)
-    assert readings["shape"] == pytest.approx(1.0, abs=0.2), readings
-    assert abs(readings["moments"] - 1.0) > 0.3, readings  # what the change fixes
+    (level_beta=None) still reads the old level then: ~50 measurements of memory at n = 2.
+    (launch/benchmarks/synthetic_tracking.py prints these numbers for README.)"""
+    shape = synthetic.change_reading(norm, direction, GNSConfig())
+    moments = synthetic.change_reading(norm, direction, GNSConfig(level_beta=None))
+    assert shape == pytest.approx(1.0, abs=0.2), (shape, moments)
+    assert abs(moments - 1.0) > 0.3, (shape, moments)  # what the change fixes
 
 
 @pytest.mark.parametrize("norm", ["nuclear", "l1"])
 def test_pooled_noise_reads_the_population_whatever_the_sample_count(norm):
-    pooled = {n: _mean_readings(n, norm, pooled=True) for n in (2, 8)}
-    paper = _mean_readings(2, norm, pooled=False)
+    pooled = {n: synthetic.mean_reading(n, norm, pooled=True) for n in (2, 8)}
+    paper = synthetic.mean_reading(2, norm, pooled=False)
     assert pooled[2] == pytest.approx(1.0, abs=0.05) and pooled[8] == pytest.approx(1.0, abs=0.05)
     assert pooled[2] / pooled[8] == pytest.approx(1.0, abs=0.05)  # n changes, the value does not
     assert paper < 0.7  # what the paper's estimator reads from 2 samples here
