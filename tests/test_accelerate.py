@@ -21,6 +21,7 @@ from .float32_bounds import Float32Bound
 from .test_ddp import MICRO, Net, _batch, _loss, _make_optimizer
 
 accelerate = pytest.importorskip("accelerate", reason="the hf extra (pip install -e '.[hf]')")
+pytestmark = pytest.mark.distributed
 
 
 def _accelerator(num_steps: int, **plugin):

@@ -113,6 +113,8 @@ def test_a_measurement_does_not_move_a_replayed_batch():
     assert decision.target_batch_size is not None and decision.target_batch_size > 1e10
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_the_main_job_replays_what_it_learned(tmp_path: Path):
     learned = tmp_path / "learned"
     _run([*TORCHRUN, "2", str(TRAIN), *COMPARED, "--out", str(learned)], cwd=tmp_path)
