@@ -21,6 +21,7 @@ from launch.checkpoints import CheckpointError, resume_point
 from launch.data import BYTE_VOCAB_SIZE
 from launch.llama import LlamaConfig
 from nongns_dist import GNSConfig
+from nongns_dist.schedule import read_file
 
 #: The engines, in --help's order (RUNTIMES maps each to its runtime).
 ENGINES = ("ddp", "fsdp2", "fsdp1", "deepspeed")
@@ -281,7 +282,7 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     if args.batch_schedule is not None:
         try:
             # lists, as trainer.json keeps them (a resume compares the flags)
-            args.batch_schedule = [list(p) for p in read_batch_schedule(args.batch_schedule)]
+            args.batch_schedule = [list(p) for p in read_file(args.batch_schedule)]
         except (OSError, ValueError) as exc:
             parser.error(f"--batch-schedule: {exc}")
         if args.batch_mode != "adaptive":
@@ -404,20 +405,6 @@ def idle_flags(args: argparse.Namespace, given: set[str]) -> list[str]:
 
 #: The paper's theta, the default of --estimator paper (it was tuned with that estimator).
 PAPER_THETA = 0.6
-
-
-def read_batch_schedule(path: str) -> tuple[tuple[int, int], ...]:
-    """The schedule in a JSON file written by ``python -m nongns_dist.schedule --format
-    nongns`` (a ``{"batch_schedule": ...}`` object, or the list alone), checked as
-    ``GNSConfig`` checks it."""
-    with open(path) as file:
-        value = json.load(file)
-    if isinstance(value, dict):
-        value = value.get("batch_schedule")
-    schedule = GNSConfig.from_dict({"batch_schedule": value}).batch_schedule
-    if schedule is None:
-        raise ValueError(f"{path} holds no batch_schedule")
-    return schedule
 
 
 def gns_config(args: argparse.Namespace) -> GNSConfig:

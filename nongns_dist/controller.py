@@ -169,7 +169,9 @@ class BatchSizeController:
         self.unit = micro_batch_size * world_size
         schedule = config.batch_schedule
         if schedule is not None and config.initial_batch_size is None:
-            initial = self._scheduled_batch(schedule[0][1], config.max_batch_size)
+            initial = resume_batch_size(
+                schedule[0][1], unit=self.unit, maximum=config.max_batch_size
+            )
             if accumulation_steps is not None and accumulation_steps * self.unit != initial:
                 raise ValueError(
                     f"accumulation_steps={accumulation_steps} gives batch "
@@ -251,7 +253,8 @@ class BatchSizeController:
                 self.skipped += 1
         changed = False
         if self.config.batch_schedule is not None:
-            new = self._scheduled_batch(self.scheduled(self.samples), self.config.max_batch_size)
+            scheduled = self.scheduled(self.samples)  # made feasible as on an elastic resume
+            new = resume_batch_size(scheduled, unit=self.unit, maximum=self.config.max_batch_size)
             changed = new != self.batch_size
             self.batch_size = new
         elif (
@@ -275,9 +278,6 @@ class BatchSizeController:
         schedule = self.config.batch_schedule
         assert schedule is not None
         return next(batch for threshold, batch in reversed(schedule) if threshold <= samples)
-
-    def _scheduled_batch(self, batch: int, maximum: int | None) -> int:
-        return resume_batch_size(batch, unit=self.unit, maximum=maximum)
 
     def _target(self) -> float:
         ema = self.ema()

@@ -31,12 +31,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from nongns_dist.config import GNSConfig
+
 __all__ = [
     "from_events",
     "from_records",
     "megatron",
     "nongns_section",
     "olmo_core",
+    "read_file",
     "read_metrics",
     "sequence_length",
 ]
@@ -153,6 +156,19 @@ def _divisor(previous: int, batch: int) -> int:
 def nongns_section(schedule: Schedule) -> dict[str, Any]:
     """The ``"nongns"`` section entry that replays the schedule (``GNSConfig.batch_schedule``)."""
     return {"batch_schedule": [[samples, batch] for samples, batch in schedule]}
+
+
+def read_file(path: str | Path) -> tuple[tuple[int, int], ...]:
+    """The schedule in a JSON file as ``--format nongns`` writes it (``{"batch_schedule": ...}``,
+    or the list alone), checked as ``GNSConfig`` checks it (``ValueError`` otherwise)."""
+
+    value = json.loads(Path(path).read_text())
+    if isinstance(value, dict):
+        value = value.get("batch_schedule")
+    schedule = GNSConfig.from_dict({"batch_schedule": value}).batch_schedule
+    if schedule is None:
+        raise ValueError(f"{path} holds no batch_schedule")
+    return schedule
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -134,7 +134,7 @@ def _growth_worker(rank, world, checkpoint):
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine)
     identical = all(torch.equal(mine, other) for other in everyone)
-    after = [monitor.controller.state_dict() for _ in range(1)]
+    after = monitor.controller.state_dict()
     # a fresh accelerator and model continue from the checkpoint exactly
     accelerator2, model2, optimizer2, _ = _prepared(1, seed=1)
     monitor2 = attach(accelerator2, model2, optimizer2, cfg, micro_batch_size=MICRO)
@@ -148,7 +148,7 @@ def _growth_worker(rank, world, checkpoint):
         planned = monitor2.accumulation_steps
         ran = _window(accelerator2, model2, optimizer2, rank, step, planned)
         trace2.append((planned, ran, accelerator2.gradient_accumulation_steps, monitor2.samples))
-    continued = monitor2.controller.state_dict() == after[0] and all(
+    continued = monitor2.controller.state_dict() == after and all(
         torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True)
     )
     return trace, trace2, identical, same_state, continued

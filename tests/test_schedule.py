@@ -147,3 +147,12 @@ def test_the_main_job_refuses_a_schedule_it_cannot_replay(tmp_path: Path):
     file.write_text(json.dumps({"batch_schedule": [[4, 8]]}))
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 2 and "must start at 0" in result.stderr
+
+
+def test_the_file_the_exporter_writes_is_what_a_replay_reads(tmp_path: Path):
+    file = tmp_path / "schedule.json"
+    file.write_text(json.dumps(sched.nongns_section([(0, 8), (16, 16)])))
+    assert sched.read_file(file) == ((0, 8), (16, 16))
+    file.write_text(json.dumps({"other": 1}))
+    with pytest.raises(ValueError, match="holds no batch_schedule"):
+        sched.read_file(file)
