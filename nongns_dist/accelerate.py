@@ -135,20 +135,9 @@ def attach(
 def _attach_deepspeed(
     accelerator: Any, engine: Any, config: GNSConfig, micro_batch_size: int
 ) -> StepCore:
-    from nongns_dist.engines.deepspeed import DeepSpeedGNSPlugin
+    from nongns_dist.engines.deepspeed import install
 
-    if not any(cls.__name__ == "DeepSpeedEngine" for cls in type(engine).__mro__):
-        raise TypeError(f"under DeepSpeed, pass the prepared engine; got {type(engine).__name__}")
-    if getattr(engine, "nongns", None) is not None:
-        raise RuntimeError("this DeepSpeed engine already has a plugin (engine.nongns)")
-    engine_micro = int(engine.train_micro_batch_size_per_gpu())
-    if engine_micro != micro_batch_size:
-        raise ValueError(
-            f"micro_batch_size={micro_batch_size}, but the DeepSpeed engine's "
-            f"train_micro_batch_size_per_gpu is {engine_micro}; allowed: the same number"
-        )
-    plugin = DeepSpeedGNSPlugin(engine, config)
-    engine.nongns = plugin
+    plugin = install(engine, config, micro_batch_size=micro_batch_size)
     driver = _Driver(accelerator, plugin, checkpoints=False)  # DeepSpeed's checkpoint has it
     load = engine.load_checkpoint
 

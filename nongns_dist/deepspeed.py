@@ -252,7 +252,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
     """Same arguments and 4-tuple as ``deepspeed.initialize``; the engine gets ``.nongns``."""
     import deepspeed
 
-    from nongns_dist.engines.deepspeed import DeepSpeedGNSPlugin
+    from nongns_dist.engines.deepspeed import install
 
     config, name = resolve_config(*args, **kwargs)
     section = config.get(SECTION)
@@ -269,7 +269,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
     if gns is not None and gns.enabled:
         engine = result[0]
         _check_batch(explicit, gns, engine)
-        engine.nongns = DeepSpeedGNSPlugin(engine, gns)
+        install(engine, gns)
     return result
 
 

@@ -41,7 +41,7 @@ from nongns_dist.config import GNSConfig
 from nongns_dist.deepspeed import check_checkpoint
 from nongns_dist.engines.core import StepCore, StepEvents
 
-__all__ = ["DeepSpeedGNSPlugin"]
+__all__ = ["DeepSpeedGNSPlugin", "install"]
 
 logger = logging.getLogger("nongns_dist")
 
@@ -209,3 +209,20 @@ class DeepSpeedGNSPlugin(StepCore):
             raise RuntimeError("the accumulation count can change only at a step boundary")
         self.set_batch_size(accumulation_steps * self.controller.unit)
         self.engine.set_train_batch_size(self.controller.batch_size)
+
+
+def install(engine: Any, config: GNSConfig, *, micro_batch_size: int | None = None) -> Any:
+    """Give a DeepSpeed engine that something else started (accelerate, the Trainer) its plugin,
+    ``engine.nongns``; returns it. ``micro_batch_size``, when given, must be the engine's."""
+    if not any(cls.__name__ == "DeepSpeedEngine" for cls in type(engine).__mro__):
+        raise TypeError(f"under DeepSpeed, pass the prepared engine; got {type(engine).__name__}")
+    if getattr(engine, "nongns", None) is not None:
+        raise RuntimeError("this DeepSpeed engine already has a plugin (engine.nongns)")
+    engine_micro = int(engine.train_micro_batch_size_per_gpu())
+    if micro_batch_size is not None and engine_micro != micro_batch_size:
+        raise ValueError(
+            f"micro_batch_size={micro_batch_size}, but the DeepSpeed engine's "
+            f"train_micro_batch_size_per_gpu is {engine_micro}; allowed: the same number"
+        )
+    engine.nongns = DeepSpeedGNSPlugin(engine, config)
+    return engine.nongns
