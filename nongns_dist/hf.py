@@ -110,8 +110,23 @@ def _take_deepspeed_section(trainer: Any) -> GNSConfig | None:
     return section
 
 
+#: The Trainer's methods the driver wraps (transformers 5.23 to 5.25 have them all).
+_WRAPPED = (
+    "_init_training_state", "_prepare_for_training", "training_step", "get_batch_samples",
+    "_save_checkpoint", "_get_output_dir", "log",
+)  # fmt: skip
+
+
 def _refuse(trainer: Any) -> None:
     """What the Trainer cannot do with a count that changes, said before training starts."""
+    missing = [name for name in _WRAPPED if not callable(getattr(trainer, name, None))]
+    if missing:
+        import transformers
+
+        raise RuntimeError(
+            f"transformers {transformers.__version__}: the Trainer has no {', '.join(missing)}, "
+            "which nongns_dist.hf follows (written against transformers 5.23 to 5.25)"
+        )
     args = trainer.args
     if getattr(args, "train_sampling_strategy", None) == "batch_rebalance":
         raise ValueError(

@@ -26,7 +26,6 @@ from .distributed import spawn
 from .float32_bounds import Float32Bound
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]')")
-pytestmark = pytest.mark.distributed
 
 VOCAB, SEQ, MICRO = 64, 12, 2
 #: 2 ranks x micro 2: 14 micro-batches per rank and epoch
@@ -194,6 +193,8 @@ def _check_growth(full, resumed, lr_of=_linear):
         assert run["identical"]
 
 
+@pytest.mark.distributed  # 2 gloo ranks, a few Trainers each
+@pytest.mark.slow
 def test_trainer_ddp_grows_the_batch_exactly_and_resumes_exactly(tmp_path):
     full, resumed = spawn(_growth_worker, 2, str(tmp_path / "run"), None)[0]
     _check_growth(full, resumed)
@@ -211,6 +212,8 @@ def _warmup_decay(before, after):
     return optimizer.param_groups[0]["lr"]
 
 
+@pytest.mark.distributed  # 2 gloo ranks, a few Trainers each
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["trainer", "deepspeed"])
 def test_trainer_deepspeed_zero2_grows_the_batch_exactly_and_resumes_exactly(
     deepspeed_ops, tmp_path, scheduler
@@ -288,6 +291,8 @@ def _equality_worker(rank, world, out):
     return results
 
 
+@pytest.mark.distributed  # 2 gloo ranks, a few Trainers each
+@pytest.mark.slow
 def test_trainer_ddp_estimate_equals_reference_on_gathered_local_gradients(tmp_path):
     results = spawn(_equality_worker, 2, str(tmp_path / "run"))[0]
     assert len(results) == 3
@@ -311,6 +316,8 @@ def _bit_identity_worker(rank, world, out):
     return torch.equal(*params)
 
 
+@pytest.mark.distributed  # 2 gloo ranks, a few Trainers each
+@pytest.mark.slow
 def test_trainer_measure_only_trains_bit_for_bit_like_a_plain_trainer(tmp_path):
     assert spawn(_bit_identity_worker, 2, str(tmp_path / "run")) == [True, True]
 
@@ -344,6 +351,7 @@ def test_a_first_batch_other_than_the_trainers_is_refused(tmp_path):
         attach(trainer, GNSConfig(norm="auto", initial_batch_size=MICRO))
 
 
+@pytest.mark.slow
 def test_one_process_trainer_measures_its_micro_steps_and_grows(tmp_path):
     """No process group: the samples are the micro-steps of each window (local capture); the
     count 2 -> 3 is exact at once (micro-batch 6), the epoch's 28th micro-batch is a short
