@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
+import shutil
 
 import pytest
 import torch
@@ -151,6 +153,16 @@ def _run(out, deepspeed, config, *, resume=None, save_at=()):
     }
 
 
+class _RunsCode:
+    """Pickles to a call of os.system: what a crafted checkpoint file would hold."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def _growth_worker(rank, world, out, deepspeed):
     config = None if deepspeed else GNSConfig(norm="auto", interval=1, batch_schedule=SCHEDULE)
     full = _run(out, deepspeed, config, save_at=(5, 9))
@@ -158,7 +170,22 @@ def _growth_worker(rank, world, out, deepspeed):
         step: _run(out + f"-from{step}", deepspeed, config, resume=f"{out}/checkpoint-{step}")
         for step in (5, 9)
     }
-    return full, resumed
+    # a crafted checkpoint: DeepSpeed's model file (DeepSpeed) or each rank's own file (DDP)
+    crafted, marker = out + "-crafted", out + "-code-ran"
+    if rank == 0:
+        shutil.copytree(f"{out}/checkpoint-9", crafted)
+    dist.barrier()
+    if deepspeed is None:
+        torch.save({"x": _RunsCode(marker)}, f"{crafted}/nongns_rank{rank}.pt")
+    elif rank == 0:
+        torch.save({"x": _RunsCode(marker)}, f"{crafted}/global_step9/mp_rank_00_model_states.pt")
+    dist.barrier()
+    try:
+        _run(out + "-from-crafted", deepspeed, config, resume=crafted)
+        refused = None
+    except pickle.UnpicklingError as exc:  # weights_only's error, and UnsafeCheckpointError
+        refused = type(exc).__name__
+    return full, resumed, (refused, os.path.exists(marker))
 
 
 def _linear(before, after):
@@ -167,7 +194,7 @@ def _linear(before, after):
     return LR * (1 - before / 4 / MAX_STEPS)
 
 
-def _check_growth(full, resumed, lr_of=_linear):
+def _check_growth(full, resumed, crafted, lr_of=_linear):
     unit = MICRO * 2
     # the Trainer's count per step: 1 x 6 (3 decided after step 4, pending until micro-batch 6),
     # 3 x 2, then 4 meets the epoch's end (2 left), then 4 x 2 until 80 samples
@@ -191,13 +218,15 @@ def _check_growth(full, resumed, lr_of=_linear):
         assert run["logs"] == logs, f"resumed from step {step}: the logs differ"
         assert torch.equal(run["params"], full["params"]), f"resumed from step {step}"
         assert run["identical"]
+    refused, code_ran = crafted
+    assert refused is not None and not code_ran, "a crafted checkpoint file was unpickled"
 
 
 @pytest.mark.distributed  # 2 gloo ranks, a few Trainers each
 @pytest.mark.slow
 def test_trainer_ddp_grows_the_batch_exactly_and_resumes_exactly(tmp_path):
-    full, resumed = spawn(_growth_worker, 2, str(tmp_path / "run"), None)[0]
-    _check_growth(full, resumed)
+    full, resumed, crafted = spawn(_growth_worker, 2, str(tmp_path / "run"), None)[0]
+    _check_growth(full, resumed, crafted)
 
 
 def _warmup_decay(before, after):
@@ -233,8 +262,8 @@ def test_trainer_deepspeed_zero2_grows_the_batch_exactly_and_resumes_exactly(
             ("total_num_steps", "warmup_min_lr", "warmup_max_lr", "warmup_num_steps"), "auto"
         )}  # fmt: skip
         lr_of = _warmup_decay
-    full, resumed = spawn(_growth_worker, 2, str(tmp_path / "run"), ds)[0]
-    _check_growth(full, resumed, lr_of)
+    full, resumed, crafted = spawn(_growth_worker, 2, str(tmp_path / "run"), ds)[0]
+    _check_growth(full, resumed, crafted, lr_of)
 
 
 # -- estimates and bit identity (DDP) ------------------------------------------------------------
