@@ -362,6 +362,7 @@ class TrainerDriver:
         self.monitor = monitor
         if self._resume is not None:
             monitor.load_state_dict(self._resume["monitor"])
+            self._resume = None  # its pooled moments are the monitor's now
         self._set_count(self.applied)
         # read by _run_epoch at each update step (and, on a resume, for the ones already run)
         args.gradient_accumulation_steps = self.applied
