@@ -396,3 +396,19 @@ def test_one_process_trainer_measures_its_micro_steps_and_grows(tmp_path):
     assert [count for _, count, _ in record.events] == record.windows
     assert record.events[-1][2] == 2 * sum(record.windows) == 80
     assert driver.monitor.last_estimate.num_samples == 3  # the last window's 3 micro-steps
+
+
+@pytest.mark.slow
+def test_epochs_end_the_run_with_every_example_trained_once_per_epoch(tmp_path):
+    """No max_steps: 2 epochs of 28 micro-batches; the count grows 2 -> 3 at micro-batch 6 and
+    each epoch ends in a short window of 1, so the run trains 2 x 56 samples and ends."""
+    from nongns_dist.hf import attach
+
+    trainer = _trainer(str(tmp_path), gas=2, max_steps=-1, num_train_epochs=2)
+    driver = attach(trainer, GNSConfig(norm="auto", interval=1, batch_schedule=[(0, 4), (12, 6)]))
+    record = _Record(driver)
+    trainer.add_callback(record.callback)
+    trainer.train()
+    epoch = [2, 2, 2, *[3] * 7, 1]
+    assert record.windows == epoch + [3] * 9 + [1], record.windows
+    assert record.events[-1][2] == 2 * EXAMPLES
