@@ -150,6 +150,13 @@ def _attach_deepspeed(
     return plugin
 
 
+def rank_state_file(folder: str) -> str:
+    """This rank's monitor state in a checkpoint folder (accelerate's ``save_state`` and the
+    Trainer's ``checkpoint-N``): every rank writes its own, its pooled moments being its own."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return os.path.join(folder, f"nongns_rank{rank}.pt")
+
+
 class _Driver:
     """Keeps accelerate's accumulation window equal to the monitor's count, and the monitor's
     state in accelerate's checkpoints."""
@@ -171,16 +178,12 @@ class _Driver:
     def _closed(self, events: StepEvents) -> None:
         self.follow()
 
-    def _file(self, directory: str) -> str:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        return os.path.join(directory, f"nongns_rank{rank}.pt")
-
     def _save(self, models: Any, weights: Any, output_dir: str) -> None:
         os.makedirs(output_dir, exist_ok=True)
-        torch.save(self.monitor.state_dict(), self._file(output_dir))
+        torch.save(self.monitor.state_dict(), rank_state_file(output_dir))
 
     def _load(self, models: Any, input_dir: str) -> None:
-        file = self._file(input_dir)
+        file = rank_state_file(input_dir)
         if not os.path.exists(file):
             logger.warning(
                 "nongns_dist: %s has no monitor state (%s): the batch schedule starts again",

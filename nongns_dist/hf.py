@@ -62,6 +62,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nongns_dist.accelerate import rank_state_file
 from nongns_dist.config import GNSConfig, as_config
 from nongns_dist.engines.core import StepCore, StepEvents
 
@@ -77,7 +78,12 @@ def attach(trainer: Any, config: GNSConfig | Mapping[str, Any] | None = None) ->
     """Make ``trainer`` (a ``transformers.Trainer``, not yet trained) measure the noise scale and
     adapt its accumulation count; returns the driver (``driver.monitor`` is the monitor once
     ``trainer.train()`` has prepared the model). ``config``: a ``GNSConfig`` or a mapping of
-    its fields; ``None`` reads the DeepSpeed config's ``"nongns"`` section, else the defaults."""
+    its fields; ``None`` reads the DeepSpeed config's ``"nongns"`` section, else the defaults.
+
+        >>> driver = nongns_dist.hf.attach(trainer, {"norm": "auto", "interval": 50})
+        >>> trainer.train()
+        >>> driver.monitor.batch_size, driver.monitor.samples  # where the run ended
+    """
     if getattr(trainer, "_nongns", None) is not None:
         raise RuntimeError("nongns_dist.hf.attach was already called on this trainer")
     section = _take_deepspeed_section(trainer)
@@ -286,10 +292,6 @@ class TrainerDriver:
         trainer.log = _log
 
     # -- start and resume -----------------------------------------------------------------------
-    def _rank_file(self, folder: str) -> str:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        return os.path.join(folder, f"nongns_rank{rank}.pt")
-
     def _resumed(self, checkpoint: str | None, epochs: int, micro: int) -> tuple[int, int]:
         """Where a run resumed from ``checkpoint`` starts: (epoch, micro-batches to skip in it).
         The Trainer's own numbers assume a constant count; those of our file do not."""
@@ -298,7 +300,7 @@ class TrainerDriver:
         self.applied = self._user_count
         if checkpoint is None:
             return epochs, micro
-        file = self._rank_file(checkpoint)
+        file = rank_state_file(checkpoint)
         if not os.path.exists(file):
             logger.warning(
                 "nongns_dist: %s has no %s (a run without nongns_dist): the batch schedule "
@@ -532,4 +534,4 @@ class TrainerDriver:
         if self.monitor is None:
             return
         os.makedirs(folder, exist_ok=True)
-        torch.save(self.state_dict(), self._rank_file(folder))
+        torch.save(self.state_dict(), rank_state_file(folder))
