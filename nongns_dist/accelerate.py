@@ -51,8 +51,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from nongns_dist.capture.collectives import group_rank_and_size
 from nongns_dist.config import GNSConfig, as_config, check_count
 from nongns_dist.engines.core import StepCore, StepEvents
 from nongns_dist.engines.torch_native import attach as attach_model
@@ -153,8 +153,7 @@ def _attach_deepspeed(
 def rank_state_file(folder: str) -> str:
     """This rank's monitor state in a checkpoint folder (accelerate's ``save_state`` and the
     Trainer's ``checkpoint-N``): every rank writes its own, its pooled moments being its own."""
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return os.path.join(folder, f"nongns_rank{rank}.pt")
+    return os.path.join(folder, f"nongns_rank{group_rank_and_size(None)[0]}.pt")
 
 
 class _Driver:

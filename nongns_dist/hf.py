@@ -36,8 +36,10 @@ The Trainer keeps its loop; what changes, in its terms:
   are first opened with ``weights_only=True`` (``nongns_dist.deepspeed.check_checkpoint``).
 
 Engines: DDP (and one process, measuring with >= 2 micro-steps), FSDP2 (``fsdp_version: 2``) and
-DeepSpeed (ZeRO 0-3), as accelerate prepares them for the Trainer. ``config=None`` reads the
-DeepSpeed config's ``"nongns"`` section, else uses ``GNSConfig()``'s defaults.
+DeepSpeed (ZeRO 0-3), as accelerate prepares them for the Trainer (tested: DDP, one process and
+ZeRO-2; accelerate turns FSDP on only for accelerators, so FSDP2 here is untested).
+``config=None`` reads the DeepSpeed config's ``"nongns"`` section, else uses ``GNSConfig()``'s
+defaults.
 
 Refused with a ``ValueError`` naming the setting, at ``attach``: ``train_sampling_strategy=
 "batch_rebalance"`` (it balances token cost across ranks within one fixed window),
@@ -60,9 +62,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from nongns_dist.accelerate import rank_state_file
+from nongns_dist.capture.collectives import group_rank_and_size
 from nongns_dist.config import GNSConfig, as_config
 from nongns_dist.engines.core import StepCore, StepEvents
 
@@ -223,7 +225,6 @@ class TrainerDriver:
         self._user_count = self.applied
         self._resume: dict[str, Any] | None = None
         self._first_epoch = True
-        self._short: int | None = None  # the count before a short last window of an epoch
         self._scheduler: Any = None
         self._scheduler_in_engine = False
         self._measured: dict[str, float] = {}  # the last measurement's log scalars
@@ -309,7 +310,7 @@ class TrainerDriver:
             return epochs, micro
         # weights_only: a checkpoint a user downloads cannot run code when it is opened
         state = torch.load(file, map_location="cpu", weights_only=True)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = group_rank_and_size(None)[1]
         if state["world_size"] != world:
             raise ValueError(
                 f"{checkpoint} was written by {state['world_size']} ranks, this run has {world}: "
@@ -397,22 +398,17 @@ class TrainerDriver:
         the epoch's end (the data ran out); that window is measured and counted as it runs."""
         if self.monitor is None or not 0 < count < self.applied:
             return
-        self._short = self.applied
         self._set_count(count)
         self._place_scheduler()
 
     def _closed(self, events: StepEvents) -> None:
         """A step closed (inside the optimizer step): the next window's count."""
-        self._short = None
         target = max(events.decision.accumulation_steps, self.applied)  # counts never shrink
-        epoch_done = self.steps_in_epoch is not None and self.micro >= self.steps_in_epoch
-        if target == self.applied:
-            self.pending = None
-            self._set_count(self.applied)  # after a short window
-        elif epoch_done or self.micro % target == 0:
+        changes = target != self.applied
+        if changes and (self._epoch_done or self.micro % target == 0):
             self._apply(target)
         else:
-            if self.pending != target:
+            if changes and self.pending != target:
                 logger.info(
                     "nongns_dist: step %d: %d micro-steps decided, pending: the Trainer is at "
                     "micro-batch %d of the epoch, not a multiple of %d; it takes effect at the "
@@ -420,8 +416,9 @@ class TrainerDriver:
                     events.step, target, self.micro, target,
                     target // math.gcd(target, self.applied) - 1,
                 )  # fmt: skip
-            self.pending = target
-            self._set_count(self.applied)  # the monitor runs what the Trainer runs
+            self.pending = target if changes else None
+            # the monitor runs what the Trainer runs: a count waits, or a short window ended
+            self._set_count(self.applied)
         self._place_scheduler()
         if events.measured:  # the decision's own scalars are the applied ones (log_scalars)
             self._measured = {
@@ -429,6 +426,11 @@ class TrainerDriver:
                 for tag, value, _ in events.scalars()
                 if not tag.endswith(("global_batch", "accumulation_steps", "lr_multiplier"))
             }
+
+    @property
+    def _epoch_done(self) -> bool:
+        """Whether the window that just closed was the epoch's last (the next starts at 0)."""
+        return self.steps_in_epoch is not None and self.micro >= self.steps_in_epoch
 
     def _epoch_begins(self) -> None:
         if self._first_epoch:
@@ -516,18 +518,16 @@ class TrainerDriver:
     def state_dict(self) -> dict[str, Any]:
         monitor = self.monitor
         assert monitor is not None
-        epoch_done = self.steps_in_epoch is not None and self.micro >= self.steps_in_epoch
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         return {
             "monitor": monitor.state_dict(),
             "driver": {
                 "epoch": self.epoch,
                 "micro": self.micro,
-                "epoch_done": epoch_done,
+                "epoch_done": self._epoch_done,
                 "applied": self.applied,
                 "pending": self.pending,
             },
-            "world_size": world,
+            "world_size": monitor.world_size,
         }
 
     def _save(self, folder: str) -> None:
